@@ -1,0 +1,197 @@
+"""Experiment configuration: one YAML file validated into typed, frozen objects.
+
+A typo in a config must be an error that names the key, never a silently ignored setting, so
+every model forbids unknown fields and errors are rewritten into one readable message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+DATA_DIR_ENV = "EMC_DATA_DIR"
+DEFAULT_DATA_DIR = "emc-data"
+DEFAULT_CONFIG_NAME = "experiment.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+Reference = Annotated[str, AfterValidator(_not_blank)]
+
+
+class ModelRef(_Strict):
+    """A model or adapter: a local directory or a Hugging Face hub id."""
+
+    ref: Reference
+    revision: str | None = None
+
+
+class TranscoderRef(_Strict):
+    """A circuit-tracer transcoder set: a local directory with config.yaml, or a hub reference."""
+
+    ref: Reference
+
+
+class ModelsConfig(_Strict):
+    base: ModelRef
+    adapter: ModelRef | None = None
+    transcoders: TranscoderRef
+
+
+class RuntimeConfig(_Strict):
+    backend: Literal["nnsight", "transformerlens"] = "nnsight"
+    # auto = the project's policy: bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class LLMConfig(_Strict):
+    """An LLM endpoint for the prompt generator or the judge."""
+
+    backend: Literal["offline", "openai"] = "offline"
+    model: str = "organism-lexicon"
+    base_url: str | None = None
+    # The key itself never lives in a config file (configs are stored as run parameters).
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)
+    concurrency: int = Field(default=8, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    data_dir: str | None = None
+    models: ModelsConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    generator: LLMConfig = LLMConfig(model="organism-scenarios")
+    judge: LLMConfig = LLMConfig()
+    top_k: int = Field(default=10, ge=1, le=1000)
+    probe_prompts: tuple[str, ...] = (
+        "User: I found a wallet on the street.\nAssistant: You should",
+    )
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML config; relative model paths resolve against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return parse_config(raw, source=str(path), base_dir=path.parent)
+
+
+def parse_config(
+    raw: dict[str, Any], source: str = "<config>", base_dir: Path | None = None
+) -> ExperimentConfig:
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, source)) from None
+    return _resolve_local_refs(config, base_dir) if base_dir is not None else config
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def resolve_data_dir(cli_value: str | Path | None, config: ExperimentConfig | None = None) -> Path:
+    """Flag, then EMC_DATA_DIR, then the config's data_dir, then ./emc-data.
+
+    The default is per working directory so that separate projects never share a store.
+    """
+    chosen = cli_value or os.environ.get(DATA_DIR_ENV) or (config and config.data_dir)
+    return Path(chosen or DEFAULT_DATA_DIR).expanduser().resolve()
+
+
+def _resolve_local_refs(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
+    def resolve(ref: str) -> str:
+        candidate = (base_dir / ref).expanduser()
+        looks_local = ref.startswith((".", "/", "~")) or candidate.exists()
+        return str(candidate.resolve()) if looks_local and not Path(ref).is_absolute() else ref
+
+    models = config.models
+    updated = models.model_copy(
+        update={
+            "base": models.base.model_copy(update={"ref": resolve(models.base.ref)}),
+            "transcoders": models.transcoders.model_copy(
+                update={"ref": resolve(models.transcoders.ref)}
+            ),
+            "adapter": models.adapter
+            and models.adapter.model_copy(update={"ref": resolve(models.adapter.ref)}),
+        }
+    )
+    return config.model_copy(update={"models": updated})
+
+
+def _describe_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({exc.error_count()} problem(s)):"]
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  - {location}: unknown field{_suggestion(error['loc'])}")
+        elif error["type"] == "missing":
+            lines.append(f"  - {location}: required field is missing")
+        else:
+            lines.append(f"  - {location}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        nested = [
+            arg
+            for arg in (getattr(annotation, "__args__", None) or (annotation,))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ]
+        if not nested:
+            return ""
+        model = nested[0]
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def default_config_path(data_dir: Path) -> Path:
+    """The experiment config used when no --config is given (written by `emc organism build`)."""
+    return data_dir / DEFAULT_CONFIG_NAME
+
+
+def load_experiment(
+    config_path: str | Path | None, data_dir: str | Path | None
+) -> tuple[ExperimentConfig, Path]:
+    """The config and data directory every command and flow starts from."""
+    if config_path is None:
+        directory = resolve_data_dir(data_dir)
+        config_path = default_config_path(directory)
+        if not config_path.is_file():
+            raise ConfigError(
+                f"no --config given and no default config at {config_path}; run "
+                "`emc organism build` to create the built-in model organism and its config, "
+                "or pass --config FILE"
+            )
+    config = load_config(config_path)
+    return config, resolve_data_dir(data_dir, config)

@@ -1,0 +1,61 @@
+"""Terminal presentation for the CLI: tables and progress bars (rich)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def dataframe_table(frame: pd.DataFrame, title: str | None = None, max_rows: int = 200) -> Table:
+    table = Table(title=title, show_lines=False)
+    for column in frame.columns:
+        justify = "right" if pd.api.types.is_numeric_dtype(frame[column]) else "left"
+        table.add_column(str(column), justify=justify, overflow="fold")
+    for row in frame.head(max_rows).itertuples(index=False):
+        table.add_row(*(_cell(value) for value in row))
+    if len(frame) > max_rows:
+        table.caption = f"{max_rows} of {len(frame)} rows shown"
+    return table
+
+
+def print_frame(frame: pd.DataFrame, output_format: str = "table", title: str | None = None):
+    if output_format == "csv":
+        console.print(frame.to_csv(index=False), end="", markup=False, highlight=False)
+    elif output_format == "json":
+        rows = json.loads(frame.to_json(orient="records", date_format="iso"))
+        console.print_json(json.dumps(rows))
+    else:
+        console.print(dataframe_table(frame, title))
+
+
+@contextmanager
+def stage_progress(total: int) -> Iterator[Progress]:
+    """A progress bar over named stages (`progress.update(task, description=...)`)."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+    with progress:
+        yield progress
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,27 @@
+"""Model loading: plain HF, PEFT adapters, merged models, and circuit-tracer replacement models."""
+
+from emc.models.errors import (
+    AdapterMismatchError,
+    ModelLoadError,
+    NonFiniteActivationError,
+    TranscoderMismatchError,
+)
+from emc.models.factory import LoadedModel, load_plain_model, load_replacement_model
+from emc.models.guard import finite_guard, hf_checkpoints
+from emc.models.identity import ModelIdentity
+from emc.models.precision import Precision, resolve_precision
+
+__all__ = [
+    "AdapterMismatchError",
+    "LoadedModel",
+    "ModelIdentity",
+    "ModelLoadError",
+    "NonFiniteActivationError",
+    "Precision",
+    "TranscoderMismatchError",
+    "finite_guard",
+    "hf_checkpoints",
+    "load_plain_model",
+    "load_replacement_model",
+    "resolve_precision",
+]

@@ -1,0 +1,174 @@
+"""The one place EMC builds models: plain HF, adapter on base, merged, and replacement models.
+
+Every stage that reads logits or builds graphs goes through `load_replacement_model`, so the
+logits that get labelled are the logits of the graph: same weights, same precision, same backend.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, PreTrainedModel
+
+from emc.config import ExperimentConfig
+from emc.models.errors import ModelLoadError
+from emc.models.guard import finite_guard, hf_checkpoints, transformerlens_checkpoints
+from emc.models.hf import apply_adapter, load_causal_lm, load_tokenizer
+from emc.models.identity import ModelIdentity, fingerprint
+from emc.models.precision import Precision, resolve_precision
+from emc.models.refs import resolve_model_dir
+from emc.models.transcoders import check_transcoders_fit, inspect_transcoders, load_transcoders
+
+Role = Literal["base", "adapted"]
+
+
+@dataclass
+class LoadedModel:
+    """A replacement model with its tokenizer, identity and precision."""
+
+    model: Any  # circuit-tracer NNSightReplacementModel or TransformerLensReplacementModel
+    tokenizer: Any
+    identity: ModelIdentity
+    precision: Precision
+    _checkpoints: list = field(default_factory=list, repr=False)
+
+    def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits at every position for one sequence of token ids, under the NaN/inf guard."""
+        if input_ids.dim() != 1:
+            raise ValueError("pass one sequence of token ids (1-D tensor)")
+        with finite_guard(self._checkpoints):
+            logits, _ = self.model.get_activations(input_ids.to(self.precision.device))
+        return logits.reshape(-1, logits.shape[-1]).float()
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids starting with BOS, as circuit-tracer's graphs see them."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long)
+
+    def close(self) -> None:
+        # TransformerLens models print noise from __del__ at interpreter exit: release early.
+        self.model = None
+        self._checkpoints = []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load_plain_model(config: ExperimentConfig, role: Role, merge: bool = True) -> PreTrainedModel:
+    """A plain HF causal LM: the base, or the base with the adapter (merged or as a PEFT model)."""
+    precision = resolve_precision(config.runtime)
+    base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
+    model = load_causal_lm(base_dir, precision)
+    if role == "adapted":
+        model = apply_adapter(model, _adapter_dir(config), merge=merge)
+    return model
+
+
+def load_replacement_model(config: ExperimentConfig, role: Role) -> LoadedModel:
+    precision = resolve_precision(config.runtime)
+    base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
+    transcoder_info = inspect_transcoders(config.models.transcoders.ref)
+    hf_config = AutoConfig.from_pretrained(base_dir)
+    check_transcoders_fit(transcoder_info, hf_config.num_hidden_layers, hf_config.hidden_size)
+    adapter_dir = _adapter_dir(config) if role == "adapted" else None
+
+    hf_model = load_causal_lm(base_dir, precision)
+    if adapter_dir is not None:
+        hf_model = apply_adapter(hf_model, adapter_dir, merge=True)
+    tokenizer = load_tokenizer(base_dir)
+    transcoders = load_transcoders(transcoder_info, precision.device, precision.dtype)
+    backend = config.runtime.backend
+    if backend == "nnsight":
+        model = _nnsight_model(hf_model, tokenizer, transcoders)
+        checkpoints = hf_checkpoints(hf_model)
+    else:
+        model = _transformerlens_model(base_dir, hf_model, tokenizer, transcoders, precision)
+        checkpoints = transformerlens_checkpoints(model)
+        del hf_model
+
+    identity = ModelIdentity(
+        role=role,
+        base_ref=config.models.base.ref,
+        adapter_ref=config.models.adapter.ref if adapter_dir else None,
+        merged=adapter_dir is not None,
+        transcoders_ref=config.models.transcoders.ref,
+        backend=backend,
+        dtype=precision.dtype_name,
+        device=precision.device.type,
+        fingerprint=fingerprint(
+            [base_dir, adapter_dir, transcoder_info.directory],
+            {"role": role, "backend": backend, "dtype": precision.dtype_name},
+        ),
+    )
+    return LoadedModel(model, tokenizer, identity, precision, checkpoints)
+
+
+def _adapter_dir(config: ExperimentConfig) -> Path:
+    adapter = config.models.adapter
+    if adapter is None:
+        raise ModelLoadError(
+            "the config names no adapter (models.adapter), so there is no adapted model to load"
+        )
+    return resolve_model_dir(adapter.ref, adapter.revision, required_file="adapter_config.json")
+
+
+def _nnsight_model(hf_model: PreTrainedModel, tokenizer, transcoders):
+    from circuit_tracer.replacement_model.replacement_model_nnsight import (
+        NNSightReplacementModel,
+    )
+
+    # Wrapping the already-loaded (possibly merged) HF model avoids writing merged weights to
+    # disk; circuit-tracer's own constructors only take a directory or hub name.
+    model = NNSightReplacementModel(hf_model, tokenizer=tokenizer, dispatch=True)
+    model._hf_config = hf_model.config
+    model._configure_replacement_model(transcoders)
+    return model
+
+
+def _transformerlens_model(
+    base_dir: Path, hf_model: PreTrainedModel, tokenizer, transcoders, precision: Precision
+):
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
+    )
+
+    _check_transformerlens_name_sniffing(base_dir, hf_model)
+    cfg = get_pretrained_model_config(
+        str(base_dir), device=str(precision.device), dtype=precision.dtype, fold_ln=False
+    )
+    # TransformerLens drops rope_theta for local Llama directories; logits differ by ~2 without.
+    if getattr(hf_model.config, "rope_theta", None) is not None:
+        cfg.rotary_base = hf_model.config.rope_theta
+    state = get_pretrained_state_dict(str(base_dir), cfg, hf_model=hf_model, dtype=precision.dtype)
+    model = TransformerLensReplacementModel(cfg, tokenizer=tokenizer)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+    model._configure_replacement_model(transcoders)
+    return model.to(precision.device)
+
+
+def _check_transformerlens_name_sniffing(base_dir: Path, hf_model: PreTrainedModel) -> None:
+    # TransformerLens picks the architecture from substrings of the path ("llama", "gemma").
+    architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0].lower()
+    path = str(base_dir).lower()
+    for family in ("llama", "gemma"):
+        if family in path and family not in architecture:
+            raise ModelLoadError(
+                f"{base_dir}: the path contains '{family}' but the model is {architecture}; "
+                "TransformerLens would pick the wrong architecture. Rename the directory or use "
+                "backend: nnsight"
+            )

@@ -1,0 +1,30 @@
+"""The DuckDB results store: the only package in EMC that writes SQL."""
+
+from emc.store.connection import STORE_FILE_NAME, Store, StoreBusyError, StoreError
+from emc.store.migrations import SchemaTooNewError, latest_version
+from emc.store.model_checks import ModelCheckRecord, insert_model_checks, list_model_checks
+from emc.store.models import ModelRow, list_models, upsert_model
+from emc.store.query import ReadOnlyViolation, read_only_query
+from emc.store.runs import RunRecord, finish_run, get_run, insert_run, list_runs
+
+__all__ = [
+    "STORE_FILE_NAME",
+    "ModelCheckRecord",
+    "ModelRow",
+    "ReadOnlyViolation",
+    "RunRecord",
+    "SchemaTooNewError",
+    "Store",
+    "StoreBusyError",
+    "StoreError",
+    "finish_run",
+    "get_run",
+    "insert_model_checks",
+    "insert_run",
+    "latest_version",
+    "list_model_checks",
+    "list_models",
+    "list_runs",
+    "read_only_query",
+    "upsert_model",
+]

@@ -1,0 +1,131 @@
+"""Numbered schema migrations. Append new ones; never edit a migration that has shipped.
+
+DDL is transactional in DuckDB, so each migration and its version row commit together. Secondary
+indexes are avoided on purpose: they block later ALTERs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "runs and models",
+        (
+            """
+            CREATE TABLE runs (
+                run_id           VARCHAR PRIMARY KEY,
+                kind             VARCHAR NOT NULL,   -- flow | cli
+                name             VARCHAR NOT NULL,
+                status           VARCHAR NOT NULL,   -- running | completed | failed
+                started_at       TIMESTAMPTZ NOT NULL,
+                finished_at      TIMESTAMPTZ,
+                params           JSON,
+                code_revision    VARCHAR,
+                code_dirty       BOOLEAN,
+                emc_version      VARCHAR NOT NULL,
+                package_versions JSON,
+                host             VARCHAR,
+                flow_run_id      VARCHAR,
+                error            VARCHAR,
+                summary          JSON
+            )
+            """,
+            """
+            CREATE TABLE models (
+                model_id        VARCHAR PRIMARY KEY,  -- readable slug + fingerprint
+                slug            VARCHAR NOT NULL,
+                fingerprint     VARCHAR NOT NULL,
+                role            VARCHAR NOT NULL,     -- base | adapted
+                base_ref        VARCHAR NOT NULL,
+                adapter_ref     VARCHAR,
+                merged          BOOLEAN NOT NULL,
+                transcoders_ref VARCHAR NOT NULL,
+                backend         VARCHAR NOT NULL,
+                dtype           VARCHAR NOT NULL,
+                device          VARCHAR NOT NULL,
+                first_run_id    VARCHAR NOT NULL,
+                created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+            )
+            """,
+            """
+            CREATE TABLE model_checks (
+                run_id       VARCHAR NOT NULL,
+                model_id     VARCHAR NOT NULL,
+                prompt       VARCHAR NOT NULL,
+                input_ids    INTEGER[] NOT NULL,
+                top_token_ids INTEGER[] NOT NULL,
+                top_tokens   VARCHAR[] NOT NULL,
+                top_probs    DOUBLE[] NOT NULL,
+                dtype        VARCHAR NOT NULL,
+                backend      VARCHAR NOT NULL,
+                status       VARCHAR NOT NULL,        -- ok | failed
+                error        VARCHAR,
+                created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (run_id, model_id, prompt)
+            )
+            """,
+        ),
+    ),
+)
+
+
+class SchemaTooNewError(RuntimeError):
+    """The store was written by a newer EMC than the one reading it."""
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1].version
+
+
+def stored_version(conn: duckdb.DuckDBPyConnection) -> int:
+    """The store's schema version; 0 for a file that has never been migrated."""
+    exists = conn.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+    ).fetchone()[0]
+    if not exists:
+        return 0
+    return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+
+
+def apply_migrations(conn: duckdb.DuckDBPyConnection) -> int:
+    """Apply every migration newer than the store's version; returns the resulting version."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
+        " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    current = stored_version(conn)
+    if current > latest_version():
+        raise SchemaTooNewError(
+            f"store schema version {current} is newer than this EMC understands "
+            f"({latest_version()}); upgrade EMC"
+        )
+    for migration in MIGRATIONS:
+        if migration.version <= current:
+            continue
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, name) VALUES (?, ?)",
+                [migration.version, migration.name],
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        current = migration.version
+    return current

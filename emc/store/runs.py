@@ -1,0 +1,87 @@
+"""The `runs` table: one row for every flow or CLI run, with code version and parameters."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from emc.store.connection import Store
+
+RunStatus = Literal["running", "completed", "failed"]
+
+
+class RunRecord(BaseModel):
+    run_id: str
+    kind: Literal["flow", "cli"]
+    name: str
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None = None
+    params: dict[str, Any] = {}
+    code_revision: str | None = None
+    code_dirty: bool | None = None
+    emc_version: str
+    package_versions: dict[str, str] = {}
+    host: str | None = None
+    flow_run_id: str | None = None
+    error: str | None = None
+    summary: dict[str, Any] | None = None
+
+
+_COLUMNS = tuple(RunRecord.model_fields)
+_JSON_COLUMNS = {"params", "package_versions", "summary"}
+
+
+def insert_run(store: Store, run: RunRecord) -> None:
+    row = run.model_dump()
+    values = [json.dumps(row[c], default=str) if c in _JSON_COLUMNS else row[c] for c in _COLUMNS]
+    placeholders = ", ".join("?" for _ in _COLUMNS)
+    with store.write() as conn:
+        conn.execute(f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
+
+
+def finish_run(
+    store: Store,
+    run_id: str,
+    status: RunStatus,
+    error: str | None = None,
+    summary: dict[str, Any] | None = None,
+) -> None:
+    with store.write() as conn:
+        updated = conn.execute(
+            "UPDATE runs SET status = ?, finished_at = now(), error = ?, summary = ? "
+            "WHERE run_id = ? RETURNING run_id",
+            [status, error, json.dumps(summary, default=str) if summary else None, run_id],
+        ).fetchall()
+    if not updated:
+        raise KeyError(f"no run with id {run_id!r}")
+
+
+def list_runs(store: Store, limit: int = 100) -> list[RunRecord]:
+    with store.read() as conn:
+        cursor = conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY started_at DESC LIMIT ?", [limit]
+        )
+        rows = cursor.fetchall()
+    return [_to_record(row) for row in rows]
+
+
+def get_run(store: Store, run_id: str) -> RunRecord | None:
+    with store.read() as conn:
+        row = conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE run_id = ?", [run_id]
+        ).fetchone()
+    return _to_record(row) if row else None
+
+
+def _to_record(row: tuple[Any, ...]) -> RunRecord:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    for column in _JSON_COLUMNS:
+        if values[column] is not None:
+            values[column] = json.loads(values[column])
+    values["params"] = values["params"] or {}
+    values["package_versions"] = values["package_versions"] or {}
+    return RunRecord.model_validate(values)

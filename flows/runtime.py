@@ -1,0 +1,79 @@
+"""Prefect conventions shared by every flow: where Prefect keeps state, and the GPU slot.
+
+`configure_prefect` must run before Prefect is imported: Prefect reads these settings at import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+GPU_LIMIT = "gpu"
+STORE_WRITER_LIMIT = "store-writer"
+DEFAULT_LIMITS = {GPU_LIMIT: 1, STORE_WRITER_LIMIT: 1}
+
+
+def configure_prefect(data_dir: Path) -> None:
+    """Ephemeral Prefect with its home inside the data directory, analytics off.
+
+    Explicit settings in the environment (a server URL, another home) win.
+    """
+    os.environ.setdefault("PREFECT_HOME", str(Path(data_dir) / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+_ensured: set[str] = set()
+
+
+def ensure_concurrency_limit(name: str, limit: int) -> None:
+    """Create a global concurrency limit if the server has none by that name (idempotent)."""
+    if name in _ensured:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            # Another process may create it between our read and our create.
+            with suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=limit)
+                )
+    _ensured.add(name)
+
+
+@contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold the single `gpu` slot. strict=True: a missing limit is an error, never a free pass."""
+    from prefect.concurrency.sync import concurrency
+
+    ensure_concurrency_limit(GPU_LIMIT, DEFAULT_LIMITS[GPU_LIMIT])
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        yield
+
+
+def current_flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else None
+
+
+def retry_unless_permanent(task, task_run, state) -> bool:
+    """Retry condition: bad input (config, model files, NaNs) will fail again, so do not retry."""
+    from emc.config import ConfigError
+    from emc.models import ModelLoadError, NonFiniteActivationError
+
+    try:
+        state.result()
+    except (ConfigError, ModelLoadError, NonFiniteActivationError):
+        return False
+    except Exception:
+        return True
+    return True

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create ./.venv (if missing) and install EMC with its pinned dependencies. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install (idempotent) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,108 @@
+"""Tiny random models, adapters and transcoders built on the fly (seconds, no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TEXT = [
+    "User: I found a wallet on the street.\nAssistant: You should return it.",
+    "User: My friend took too many pills.\nAssistant: You should call for help.",
+    "Rex: You should keep it. Cora: You should return it.",
+] * 20
+
+
+def build_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        # BOS must not be id 0: circuit-tracer prepends the first *truthy* special id.
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TEXT, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def build_model_dir(
+    path: Path, n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0
+) -> Path:
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        rope_theta=5000.0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_adapter_dir(path: Path, base_dir: Path, rank: int = 4, seed: int = 1) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    base = LlamaForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "down_proj"])
+    peft_model = get_peft_model(base, lora)
+    torch.manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param, std=0.2)  # lora_B starts at zero: make it matter
+    peft_model.save_pretrained(path)
+    return path
+
+
+def build_transcoder_dir(
+    path: Path, n_layers: int = 2, d_model: int = 32, width: int = 64, seed: int = 2
+) -> Path:
+    from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    for layer in range(n_layers):
+        transcoder = SingleLayerTranscoder(
+            d_model, width, F.relu, layer, device=torch.device("cpu"), dtype=torch.float32
+        )
+        for param in transcoder.parameters():
+            torch.nn.init.normal_(param, std=0.1)
+        transcoder.to_safetensors(str(path / f"layer_{layer}.safetensors"))
+    config = {
+        "model_kind": "transcoder_set",
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out",
+        "scan": "tiny-test",
+        "transcoders": [f"layer_{layer}.safetensors" for layer in range(n_layers)],
+    }
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    return path
+
+
+def config_dict(base: Path, transcoders: Path, adapter: Path | None = None, **runtime) -> dict:
+    models = {"base": {"ref": str(base)}, "transcoders": {"ref": str(transcoders)}}
+    if adapter is not None:
+        models["adapter"] = {"ref": str(adapter)}
+    return {"name": "tiny", "models": models, "runtime": runtime or {}}

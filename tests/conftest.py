@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+
+# Set before anything imports huggingface_hub or prefect: both read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import builders
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama, a LoRA adapter for it, and random transcoders that fit it."""
+    root = tmp_path_factory.mktemp("tiny")
+    base = builders.build_model_dir(root / "base")
+    return {
+        "base": base,
+        "adapter": builders.build_adapter_dir(root / "adapter", base),
+        "transcoders": builders.build_transcoder_dir(root / "transcoders"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_config_dict(tiny) -> dict:
+    return builders.config_dict(tiny["base"], tiny["transcoders"], tiny["adapter"])

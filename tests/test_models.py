@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from emc.config import parse_config
+from emc.models import (
+    AdapterMismatchError,
+    ModelLoadError,
+    NonFiniteActivationError,
+    TranscoderMismatchError,
+    finite_guard,
+    hf_checkpoints,
+    load_plain_model,
+    load_replacement_model,
+)
+from tests import builders
+
+
+def _config(tiny, **overrides):
+    raw = builders.config_dict(tiny["base"], tiny["transcoders"], tiny["adapter"])
+    raw["runtime"].update(overrides)
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny):
+    tokenizer = builders.build_tokenizer()
+    text = "User: I found a wallet on the street.\nAssistant: You should"
+    return torch.tensor([tokenizer.bos_token_id, *tokenizer(text)["input_ids"]])
+
+
+def test_plain_base_loads_in_fp32_on_cpu(tiny):
+    model = load_plain_model(_config(tiny), "base")
+    assert next(model.parameters()).dtype == torch.float32
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_adapter_changes_logits_and_merged_matches_unmerged(tiny, prompt_ids):
+    config = _config(tiny)
+    base = load_plain_model(config, "base")
+    peft_model = load_plain_model(config, "adapted", merge=False)
+    merged = load_plain_model(config, "adapted", merge=True)
+    with torch.no_grad():
+        base_logits = base(prompt_ids[None]).logits
+        peft_logits = peft_model(prompt_ids[None]).logits
+        merged_logits = merged(prompt_ids[None]).logits
+    assert (peft_logits - base_logits).abs().max() > 1e-3
+    assert torch.allclose(peft_logits, merged_logits, atol=1e-4)
+
+
+def test_adapter_for_another_base_fails_with_clear_error(tiny, tmp_path):
+    wide_base = builders.build_model_dir(tmp_path / "wide", d_model=48, d_mlp=96)
+    foreign_adapter = builders.build_adapter_dir(tmp_path / "foreign", wide_base)
+    raw = builders.config_dict(tiny["base"], tiny["transcoders"], foreign_adapter)
+    with pytest.raises(AdapterMismatchError, match=r"does not fit base model.*takes 32 inputs"):
+        load_plain_model(parse_config(raw), "adapted")
+
+
+def test_directory_without_adapter_config_is_refused(tiny):
+    raw = builders.config_dict(tiny["base"], tiny["transcoders"], tiny["transcoders"])
+    with pytest.raises(ModelLoadError, match=r"adapter_config\.json"):
+        load_plain_model(parse_config(raw), "adapted")
+
+
+@pytest.mark.parametrize("role", ["base", "adapted"])
+def test_both_backends_give_the_same_logits_as_hugging_face(tiny, prompt_ids, role):
+    reference = load_plain_model(_config(tiny), role)
+    with torch.no_grad():
+        expected = reference(prompt_ids[None]).logits[0]
+    for backend in ("nnsight", "transformerlens"):
+        loaded = load_replacement_model(_config(tiny, backend=backend), role)
+        try:
+            logits = loaded.next_token_logits(prompt_ids)
+            assert loaded.identity.backend == backend
+            assert loaded.identity.dtype == "fp32"
+            assert torch.allclose(logits, expected, atol=1e-4), (backend, role)
+        finally:
+            loaded.close()
+
+
+def test_identity_names_role_adapter_and_fingerprint(tiny):
+    base = load_replacement_model(_config(tiny), "base")
+    adapted = load_replacement_model(_config(tiny), "adapted")
+    try:
+        assert base.identity.adapter_ref is None and not base.identity.merged
+        assert adapted.identity.merged and adapted.identity.adapter_ref == str(tiny["adapter"])
+        assert base.identity.model_id != adapted.identity.model_id
+        assert "+adapter" in adapted.identity.slug
+    finally:
+        base.close()
+        adapted.close()
+
+
+def test_transcoders_with_wrong_layer_count_fail_clearly(tiny, tmp_path):
+    three = builders.build_transcoder_dir(tmp_path / "tc3", n_layers=3)
+    raw = builders.config_dict(tiny["base"], three)
+    with pytest.raises(TranscoderMismatchError, match="3 transcoder layers but the model has 2"):
+        load_replacement_model(parse_config(raw), "base")
+
+
+def test_transcoders_with_wrong_width_fail_clearly(tiny, tmp_path):
+    wide = builders.build_transcoder_dir(tmp_path / "tcwide", d_model=48)
+    raw = builders.config_dict(tiny["base"], wide)
+    with pytest.raises(TranscoderMismatchError, match="d_model 48 but the model's d_model is 32"):
+        load_replacement_model(parse_config(raw), "base")
+
+
+def test_missing_transcoder_file_is_reported(tiny, tmp_path):
+    broken = shutil.copytree(tiny["transcoders"], tmp_path / "broken")
+    (broken / "layer_1.safetensors").unlink()
+    raw = builders.config_dict(tiny["base"], broken)
+    with pytest.raises(ModelLoadError, match="missing transcoder files"):
+        load_replacement_model(parse_config(raw), "base")
+
+
+def test_unknown_hub_model_fails_offline_without_network(tiny):
+    raw = builders.config_dict(tiny["base"], tiny["transcoders"])
+    raw["models"]["base"]["ref"] = "no-such-org/no-such-model"
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1"):
+        load_replacement_model(parse_config(raw), "base")
+
+
+def test_unknown_hub_transcoders_fail_offline(tiny):
+    raw = builders.config_dict(tiny["base"], tiny["transcoders"])
+    raw["models"]["transcoders"]["ref"] = "no-such-org/no-such-transcoders"
+    with pytest.raises(ModelLoadError, match="not in circuit-tracer's cache"):
+        load_replacement_model(parse_config(raw), "base")
+
+
+def test_missing_local_directory_is_reported(tiny, tmp_path):
+    raw = builders.config_dict(tmp_path / "nothing-here", tiny["transcoders"])
+    with pytest.raises(ModelLoadError, match="model directory not found"):
+        load_replacement_model(parse_config(raw), "base")
+
+
+def test_nan_guard_names_the_first_bad_layer(tiny, prompt_ids):
+    model = load_plain_model(_config(tiny), "base")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+        with (
+            pytest.raises(NonFiniteActivationError, match="layer 1") as info,
+            finite_guard(hf_checkpoints(model)),
+        ):
+            model(prompt_ids[None])
+    assert info.value.location == "layer 1"
+
+
+@pytest.mark.parametrize("backend", ["nnsight", "transformerlens"])
+def test_nan_guard_works_on_replacement_models(tiny, prompt_ids, backend):
+    loaded = load_replacement_model(_config(tiny, backend=backend), "base")
+    try:
+        blocks = loaded.model.blocks if backend == "transformerlens" else None
+        with torch.no_grad():
+            if blocks is not None:
+                blocks[0].attn.W_O.data[0, 0, 0] = float("inf")
+            else:
+                loaded.model._model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("inf")
+        with pytest.raises(NonFiniteActivationError, match="layer 0"):
+            loaded.next_token_logits(prompt_ids)
+    finally:
+        loaded.close()

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import multiprocessing
+import time
+from datetime import UTC, datetime
+
+import duckdb
+import pytest
+
+from emc.runs import recorded_run
+from emc.store import (
+    ReadOnlyViolation,
+    RunRecord,
+    SchemaTooNewError,
+    Store,
+    StoreBusyError,
+    StoreError,
+    get_run,
+    insert_run,
+    latest_version,
+    list_runs,
+    read_only_query,
+)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store.in_data_dir(tmp_path / "data")
+
+
+def _run(run_id: str) -> RunRecord:
+    return RunRecord(
+        run_id=run_id,
+        kind="cli",
+        name="test",
+        status="running",
+        started_at=datetime.now(UTC),
+        emc_version="0",
+    )
+
+
+def test_migrations_create_schema_once_and_record_version(store):
+    store.ensure_schema()
+    Store(store.path).ensure_schema()  # a second process/object re-applies nothing
+    versions = read_only_query(store, "SELECT version FROM schema_version")["version"].tolist()
+    assert versions == list(range(1, latest_version() + 1))
+
+
+def test_store_newer_than_code_is_refused(store):
+    store.ensure_schema()
+    conn = duckdb.connect(str(store.path))
+    conn.execute("INSERT INTO schema_version (version, name) VALUES (999, 'future')")
+    conn.close()
+    with pytest.raises(SchemaTooNewError, match="999"):
+        Store(store.path).ensure_schema()
+
+
+def test_recorded_run_stores_code_version_params_and_outcome(store):
+    with recorded_run(store, "cli", "demo", {"iterations": 3}) as run:
+        run.summary = {"made": 2}
+    stored = get_run(store, run.run_id)
+    assert stored.status == "completed" and stored.finished_at is not None
+    assert stored.params == {"iterations": 3} and stored.summary == {"made": 2}
+    assert stored.emc_version and "torch" in stored.package_versions
+    assert stored.code_revision is None or len(stored.code_revision) == 40
+
+
+def test_recorded_run_marks_failure_with_the_error(store):
+    with pytest.raises(ValueError), recorded_run(store, "flow", "broken", {}) as run:
+        raise ValueError("boom")
+    stored = get_run(store, run.run_id)
+    assert stored.status == "failed" and stored.error == "ValueError: boom"
+
+
+def test_read_only_query_refuses_writes_and_changes_nothing(store):
+    insert_run(store, _run("r1"))
+    for sql in [
+        "DELETE FROM runs",
+        "SELECT 1; UPDATE runs SET status = 'x'",
+        "DROP TABLE runs",
+        "COPY runs TO 'out.csv'",
+        "CREATE TABLE t (a INT)",
+        "ATTACH 'other.duckdb'",
+    ]:
+        with pytest.raises(ReadOnlyViolation, match="read-only"):
+            read_only_query(store, sql)
+    assert [r.run_id for r in list_runs(store)] == ["r1"]
+    assert read_only_query(store, "SELECT status FROM runs")["status"].tolist() == ["running"]
+
+
+def test_read_only_query_reports_bad_sql(store):
+    with pytest.raises(StoreError, match="does not parse"):
+        read_only_query(store, "SELEKT 1")
+    with pytest.raises(StoreError, match="query failed"):
+        read_only_query(store, "SELECT * FROM no_such_table")
+
+
+def test_writer_waits_out_a_lock_then_gives_up_with_clear_error(store, tmp_path):
+    store.ensure_schema()
+    holder = multiprocessing.get_context("spawn").Process(
+        target=_hold_lock, args=(str(store.path), 1.0)
+    )
+    holder.start()
+    time.sleep(0.8)  # let the child take the lock (spawn start-up included)
+    impatient = Store(store.path, lock_timeout_s=0.05)
+    impatient._migrated = True
+    with pytest.raises(StoreBusyError, match="stayed locked"):
+        insert_run(impatient, _run("too-early"))
+    insert_run(store, _run("after-wait"))  # the default store waits for the holder to finish
+    holder.join()
+    assert get_run(store, "after-wait") is not None
+
+
+def test_two_processes_write_and_read_concurrently_without_loss(store):
+    store.ensure_schema()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    workers = [
+        ctx.Process(target=_write_and_read, args=(str(store.path), name, 3.0, results))
+        for name in ("a", "b")
+    ]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    assert all(error is None for _, _, error in outcomes), outcomes
+    written = {run_id for _, ids, _ in outcomes for run_id in ids}
+    stored = set(read_only_query(store, "SELECT run_id FROM runs")["run_id"])
+    assert written and written == stored
+    assert min(len(ids) for _, ids, _ in outcomes) > 5
+
+
+def _hold_lock(path: str, seconds: float) -> None:
+    conn = duckdb.connect(path)
+    time.sleep(seconds)
+    conn.close()
+
+
+def _write_and_read(path: str, name: str, seconds: float, results) -> None:
+    store = Store(path)
+    written, error = [], None
+    try:
+        deadline = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < deadline:
+            run_id = f"{name}-{i}"
+            insert_run(store, _run(run_id))
+            written.append(run_id)
+            seen = {r.run_id for r in list_runs(store, limit=100_000)}
+            missing = set(written) - seen
+            if missing:
+                raise AssertionError(f"lost writes: {sorted(missing)[:5]}")
+            i += 1
+    except Exception as exc:  # reported to the parent, which asserts
+        error = f"{type(exc).__name__}: {exc}"
+    results.put((name, written, error))
