@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Set before anything imports huggingface_hub or prefect: both read these at import time.
+# The hub cache is a fresh folder so tests can plant "hub" models in it and never see the user's.
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="emc-test-hf-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,5 +162,33 @@ def test_nan_guard_works_on_replacement_models(tiny, prompt_ids, backend):
                 loaded.model._model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("inf")
         with pytest.raises(NonFiniteActivationError, match="layer 0"):
             loaded.next_token_logits(prompt_ids)
+    finally:
+        loaded.close()
+
+
+def _plant_in_hub_cache(model_dir, repo_id: str) -> None:
+    """Lay a local model out the way huggingface_hub caches a downloaded snapshot."""
+    cache = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
+    (cache / "refs").mkdir(parents=True, exist_ok=True)
+    (cache / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(model_dir, cache / "snapshots" / ("0" * 40), dirs_exist_ok=True)
+
+
+def test_hub_references_resolve_from_local_caches_offline(tiny, tmp_path, monkeypatch):
+    _plant_in_hub_cache(tiny["base"], "tiny-org/tiny-base")
+    monkeypatch.setenv("CIRCUIT_TRACER_CACHE_DIR", str(tmp_path / "ct-cache"))
+    cached = shutil.copytree(tiny["transcoders"], tmp_path / "ct-cache" / "tiny-org" / "tiny-tc")
+    (cached / "config.yaml").write_text(
+        "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n"
+        "feature_output_hook: mlp.hook_out\nscan: tiny-org/tiny-tc\n"
+    )  # circuit-tracer's cache format: no file list, layer_{i}.safetensors beside it
+    raw = builders.config_dict("tiny-org/tiny-base", "tiny-org/tiny-tc")
+    loaded = load_replacement_model(parse_config(raw), "base")
+    try:
+        expected = load_replacement_model(_config(tiny), "base")
+        ids = loaded.encode("User: hello")
+        assert torch.equal(loaded.next_token_logits(ids), expected.next_token_logits(ids))
+        assert loaded.identity.base_ref == "tiny-org/tiny-base"
+        expected.close()
     finally:
         loaded.close()

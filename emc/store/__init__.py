@@ -4,6 +4,7 @@ from emc.store.connection import STORE_FILE_NAME, Store, StoreBusyError, StoreEr
 from emc.store.migrations import SchemaTooNewError, latest_version
 from emc.store.model_checks import ModelCheckRecord, insert_model_checks, list_model_checks
 from emc.store.models import ModelRow, list_models, upsert_model
+from emc.store.organism import OrganismBuildRow, list_organism_builds, upsert_organism_build
 from emc.store.query import ReadOnlyViolation, read_only_query
 from emc.store.runs import RunRecord, finish_run, get_run, insert_run, list_runs
 
@@ -11,6 +12,7 @@ __all__ = [
     "STORE_FILE_NAME",
     "ModelCheckRecord",
     "ModelRow",
+    "OrganismBuildRow",
     "ReadOnlyViolation",
     "RunRecord",
     "SchemaTooNewError",
@@ -24,7 +26,9 @@ __all__ = [
     "latest_version",
     "list_model_checks",
     "list_models",
+    "list_organism_builds",
     "list_runs",
     "read_only_query",
     "upsert_model",
+    "upsert_organism_build",
 ]

@@ -78,6 +78,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "organism builds",
+        (
+            """
+            CREATE TABLE organism_builds (
+                recipe_hash   VARCHAR PRIMARY KEY,
+                variant       VARCHAR NOT NULL,
+                path          VARCHAR NOT NULL,
+                run_id        VARCHAR NOT NULL,
+                built_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+                build_seconds DOUBLE,
+                recipe        JSON NOT NULL,
+                report        JSON NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 
 
