@@ -6,9 +6,9 @@ from prefect import flow, task
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
+from emc.models import ModelLoadError
 from emc.store import Store, get_run, list_model_checks, list_models, list_runs
 from flows.model_check import model_check_flow
-from emc.models import ModelLoadError
 from flows.runtime import gpu_slot, retry_unless_permanent
 
 

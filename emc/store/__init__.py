@@ -1,6 +1,7 @@
 """The DuckDB results store: the only package in EMC that writes SQL."""
 
 from emc.store.connection import STORE_FILE_NAME, Store, StoreBusyError, StoreError
+from emc.store.llm_calls import LLMCallRow, insert_llm_calls, list_llm_calls
 from emc.store.migrations import SchemaTooNewError, latest_version
 from emc.store.model_checks import ModelCheckRecord, insert_model_checks, list_model_checks
 from emc.store.models import ModelRow, list_models, upsert_model
@@ -10,6 +11,7 @@ from emc.store.runs import RunRecord, finish_run, get_run, insert_run, list_runs
 
 __all__ = [
     "STORE_FILE_NAME",
+    "LLMCallRow",
     "ModelCheckRecord",
     "ModelRow",
     "OrganismBuildRow",
@@ -21,9 +23,11 @@ __all__ = [
     "StoreError",
     "finish_run",
     "get_run",
+    "insert_llm_calls",
     "insert_model_checks",
     "insert_run",
     "latest_version",
+    "list_llm_calls",
     "list_model_checks",
     "list_models",
     "list_organism_builds",

@@ -96,6 +96,30 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        3,
+        "llm calls",
+        (
+            """
+            CREATE TABLE llm_calls (
+                call_id           VARCHAR PRIMARY KEY,
+                run_id            VARCHAR,
+                purpose           VARCHAR NOT NULL,   -- judge | generator | ...
+                model             VARCHAR NOT NULL,
+                base_url          VARCHAR,
+                request           JSON NOT NULL,      -- messages and options; never the key
+                response_raw      VARCHAR,
+                status            VARCHAR NOT NULL,   -- ok | json_error | schema_error | ...
+                error             VARCHAR,
+                latency_s         DOUBLE,
+                prompt_tokens     INTEGER,
+                completion_tokens INTEGER,
+                attempts          INTEGER NOT NULL,
+                created_at        TIMESTAMPTZ NOT NULL DEFAULT now()
+            )
+            """,
+        ),
+    ),
 )
 
 
