@@ -192,3 +192,32 @@ def test_hub_references_resolve_from_local_caches_offline(tiny, tmp_path, monkey
         expected.close()
     finally:
         loaded.close()
+
+
+@pytest.mark.parametrize("backend", ["nnsight", "transformerlens"])
+def test_batched_last_token_logits_match_one_at_a_time(tiny, backend):
+    loaded = load_replacement_model(_config(tiny, backend=backend), "adapted")
+    try:
+        texts = ["User: hi", "User: I found a wallet on the street.", "Rex: You should keep it"]
+        sequences = [loaded.encode(t) for t in texts]
+        batched = loaded.last_token_logits(sequences, batch_size=2)
+        for sequence, logits in zip(sequences, batched, strict=True):
+            alone = loaded.next_token_logits(sequence)[-1]
+            assert torch.allclose(logits, alone, atol=1e-5)
+    finally:
+        loaded.close()
+
+
+def test_a_nan_item_in_a_batch_fails_alone(tiny):
+    loaded = load_replacement_model(_config(tiny), "base")
+    try:
+        poisoned = loaded.encode("wallet")[-1].item()
+        with torch.no_grad():
+            loaded.model._model.model.embed_tokens.weight[poisoned] = float("nan")
+        sequences = [loaded.encode("User: hi"), loaded.encode("wallet"), loaded.encode("Rex")]
+        results = loaded.last_token_logits(sequences)
+        assert isinstance(results[1], NonFiniteActivationError)
+        assert results[1].location == "embedding"
+        assert all(isinstance(r, torch.Tensor) for r in (results[0], results[2]))
+    finally:
+        loaded.close()

@@ -97,11 +97,11 @@ def test_read_only_query_reports_bad_sql(store):
 
 def test_writer_waits_out_a_lock_then_gives_up_with_clear_error(store, tmp_path):
     store.ensure_schema()
-    holder = multiprocessing.get_context("spawn").Process(
-        target=_hold_lock, args=(str(store.path), 1.0)
-    )
+    ctx = multiprocessing.get_context("spawn")
+    locked = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(store.path), 1.0, locked))
     holder.start()
-    time.sleep(0.8)  # let the child take the lock (spawn start-up included)
+    assert locked.wait(timeout=60)
     impatient = Store(store.path, lock_timeout_s=0.05)
     impatient._migrated = True
     with pytest.raises(StoreBusyError, match="stayed locked"):
@@ -131,8 +131,9 @@ def test_two_processes_write_and_read_concurrently_without_loss(store):
     assert min(len(ids) for _, ids, _ in outcomes) > 5
 
 
-def _hold_lock(path: str, seconds: float) -> None:
+def _hold_lock(path: str, seconds: float, locked) -> None:
     conn = duckdb.connect(path)
+    locked.set()
     time.sleep(seconds)
     conn.close()
 

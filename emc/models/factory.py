@@ -7,6 +7,7 @@ logits that get labelled are the logits of the graph: same weights, same precisi
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from emc.config import ExperimentConfig
-from emc.models.errors import ModelLoadError
+from emc.models.errors import ModelLoadError, NonFiniteActivationError
 from emc.models.guard import finite_guard, hf_checkpoints, transformerlens_checkpoints
 from emc.models.hf import apply_adapter, load_causal_lm, load_tokenizer
 from emc.models.identity import ModelIdentity, fingerprint
@@ -44,11 +45,61 @@ class LoadedModel:
             logits, _ = self.model.get_activations(input_ids.to(self.precision.device))
         return logits.reshape(-1, logits.shape[-1]).float()
 
+    def last_token_logits(
+        self, sequences: Sequence[torch.Tensor], batch_size: int = 32
+    ) -> list[torch.Tensor | NonFiniteActivationError]:
+        """Next-token logits for many sequences, batched; a NaN/inf item becomes its error.
+
+        Sequences are right-padded: in a causal model the logits at a sequence's last real
+        position never see the padding after it, and positions are unchanged, so no attention
+        mask is needed and each result equals the unbatched forward pass up to float rounding.
+        """
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        results: list[torch.Tensor | NonFiniteActivationError] = [None] * len(sequences)  # type: ignore[list-item]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            try:
+                logits = self._padded_forward([sequences[i] for i in chunk])
+            except NonFiniteActivationError:
+                if len(chunk) == 1:
+                    raise
+                # Find the bad items one by one rather than failing the whole batch.
+                for i in chunk:
+                    results[i] = self._isolated(sequences[i])
+                continue
+            for row, i in enumerate(chunk):
+                results[i] = logits[row]
+        return results
+
     def encode(self, text: str) -> torch.Tensor:
-        """Token ids starting with BOS, as circuit-tracer's graphs see them."""
+        """Token ids starting with exactly one BOS, as circuit-tracer's graphs see them."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
-        return torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long)
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _padded_forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+        lengths = torch.tensor([len(s) for s in sequences])
+        pad_id = self.tokenizer.pad_token_id or 0
+        batch = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            batch[row, : len(sequence)] = sequence
+        batch = batch.to(self.precision.device)
+        with torch.inference_mode(), finite_guard(self._checkpoints):
+            if self.identity.backend == "nnsight":
+                # The HF module the nnsight replacement model wraps: same weights, same code.
+                logits = self.model._model(input_ids=batch).logits
+            else:
+                logits = self.model(batch)
+        rows = torch.arange(len(sequences), device=logits.device)
+        return logits[rows, (lengths - 1).to(logits.device)].float().cpu()
+
+    def _isolated(self, sequence: torch.Tensor) -> torch.Tensor | NonFiniteActivationError:
+        try:
+            return self._padded_forward([sequence])[0]
+        except NonFiniteActivationError as exc:
+            return exc
 
     def close(self) -> None:
         # TransformerLens models print noise from __del__ at interpreter exit: release early.
