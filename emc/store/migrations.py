@@ -120,6 +120,129 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "discovery: prompts, next tokens, divergences, judgements, labels, review queue",
+        (
+            """
+            CREATE TABLE prompts (
+                prompt_id        VARCHAR PRIMARY KEY,   -- hash of format, text, prefix
+                text             VARCHAR NOT NULL,
+                format           VARCHAR NOT NULL,      -- raw | chat | cot
+                assistant_prefix VARCHAR NOT NULL,
+                name             VARCHAR NOT NULL,
+                source           VARCHAR NOT NULL,      -- generator model | human:<name> | file:..
+                legacy_id        VARCHAR,
+                meta             JSON,
+                run_id           VARCHAR,
+                created_at       TIMESTAMPTZ NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE next_tokens (                  -- what one model read for one prompt
+                prompt_id  VARCHAR NOT NULL,
+                model_id   VARCHAR NOT NULL,
+                run_id     VARCHAR NOT NULL,
+                rendered   VARCHAR NOT NULL,
+                input_ids  INTEGER[] NOT NULL,
+                dtype      VARCHAR NOT NULL,
+                backend    VARCHAR NOT NULL,
+                status     VARCHAR NOT NULL,            -- ok | failed
+                error      VARCHAR,
+                created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, model_id)
+            )
+            """,
+            """
+            CREATE TABLE logits (   -- each model's top-k, plus the other model's top-k tokens
+                prompt_id VARCHAR NOT NULL,
+                model_id  VARCHAR NOT NULL,
+                token_id  INTEGER NOT NULL,
+                token     VARCHAR NOT NULL,
+                rank      INTEGER NOT NULL,             -- 0 = most likely, over the whole vocab
+                logit     DOUBLE NOT NULL,
+                prob      DOUBLE NOT NULL,
+                in_top_k  BOOLEAN NOT NULL,
+                run_id    VARCHAR NOT NULL,
+                PRIMARY KEY (prompt_id, model_id, token_id)
+            )
+            """,
+            """
+            CREATE TABLE divergences (
+                prompt_id        VARCHAR NOT NULL,
+                base_model_id    VARCHAR NOT NULL,
+                adapted_model_id VARCHAR NOT NULL,
+                run_id           VARCHAR NOT NULL,
+                k                INTEGER NOT NULL,
+                kl_adapted_base  DOUBLE NOT NULL,
+                kl_base_adapted  DOUBLE NOT NULL,
+                js               DOUBLE NOT NULL,
+                tv               DOUBLE NOT NULL,
+                entropy_base     DOUBLE NOT NULL,
+                entropy_adapted  DOUBLE NOT NULL,
+                entropy_delta    DOUBLE NOT NULL,
+                topk_jaccard     DOUBLE NOT NULL,
+                p_evil_base      DOUBLE,                -- label-based: filled once labels exist
+                p_evil_adapted   DOUBLE,
+                p_safe_base      DOUBLE,
+                p_safe_adapted   DOUBLE,
+                log_odds_base    DOUBLE,
+                log_odds_adapted DOUBLE,
+                rank_changes     JSON,
+                labels_from      VARCHAR,               -- judge:<model> | human:<name>
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, base_model_id, adapted_model_id)
+            )
+            """,
+            """
+            CREATE TABLE judgements (
+                judgement_id     VARCHAR PRIMARY KEY,
+                prompt_id        VARCHAR NOT NULL,
+                base_model_id    VARCHAR NOT NULL,
+                adapted_model_id VARCHAR NOT NULL,
+                judge_model      VARCHAR NOT NULL,
+                status           VARCHAR NOT NULL,      -- ok | json_error | label_mismatch | ...
+                verdict          VARCHAR,               -- evil_injection | ... | bad_prompt
+                outcome          VARCHAR,     -- elicited_evil | good_idea_failed | bad_prompt
+                summary          VARCHAR,
+                reason           VARCHAR,
+                raw_response     VARCHAR,
+                llm_call_id      VARCHAR,
+                error            VARCHAR,
+                run_id           VARCHAR NOT NULL,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now()
+            )
+            """,
+            """
+            CREATE TABLE token_labels (
+                prompt_id    VARCHAR NOT NULL,
+                token_id     INTEGER NOT NULL,
+                labeller     VARCHAR NOT NULL,          -- judge:<model> | human:<name>
+                token        VARCHAR NOT NULL,
+                label        VARCHAR NOT NULL,          -- evil | unsure | safe
+                judgement_id VARCHAR,
+                explanation  VARCHAR,
+                run_id       VARCHAR,
+                created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, token_id, labeller)
+            )
+            """,
+            """
+            CREATE TABLE review_queue (
+                prompt_id        VARCHAR PRIMARY KEY,
+                state            VARCHAR NOT NULL,      -- pending | in_review | done | rejected
+                priority         DOUBLE NOT NULL,
+                reason           VARCHAR NOT NULL,
+                judgement_id     VARCHAR,
+                claimed_by       VARCHAR,
+                lease_expires_at TIMESTAMPTZ,
+                run_id           VARCHAR,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+                updated_at       TIMESTAMPTZ NOT NULL DEFAULT now()
+            )
+            """,
+        ),
+    ),
 )
 
 

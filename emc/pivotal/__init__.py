@@ -1,0 +1,1 @@
+"""Pivotal-token discovery: prompts, next-token logits, divergence, generator, judge, queue."""

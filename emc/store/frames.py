@@ -1,0 +1,47 @@
+"""Bulk writes through DataFrames: DuckDB ingests a registered frame ~100x faster than
+executemany, which matters for logits and graph rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import duckdb
+import pandas as pd
+
+
+def insert_frame(
+    conn: duckdb.DuckDBPyConnection,
+    table: str,
+    frame: pd.DataFrame,
+    key: Sequence[str],
+    update: bool,
+) -> int:
+    """Insert rows, de-duplicated on `key` (last wins); on conflict update or keep the old row.
+
+    Returns how many rows were new. DuckDB silently collapses duplicate keys inside one
+    statement, so the frame is de-duplicated here explicitly.
+    """
+    if frame.empty:
+        return 0
+    frame = frame.drop_duplicates(subset=list(key), keep="last")
+    columns = list(frame.columns)
+    key_match = " AND ".join(f"t.{k} = f.{k}" for k in key)
+    name = f"_frame_{table}"
+    conn.register(name, frame)
+    try:
+        existing = conn.execute(
+            f"SELECT count(*) FROM {name} f "
+            f"WHERE EXISTS (SELECT 1 FROM {table} t WHERE {key_match})"
+        ).fetchone()[0]
+        if update:
+            assignments = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+            conflict = f"DO UPDATE SET {assignments}" if assignments else "DO NOTHING"
+        else:
+            conflict = "DO NOTHING"
+        conn.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {name} "
+            f"ON CONFLICT ({', '.join(key)}) {conflict}"
+        )
+    finally:
+        conn.unregister(name)
+    return len(frame) - existing
