@@ -6,7 +6,12 @@ from emc.models.errors import (
     NonFiniteActivationError,
     TranscoderMismatchError,
 )
-from emc.models.factory import LoadedModel, load_plain_model, load_replacement_model
+from emc.models.factory import (
+    LoadedModel,
+    encode_with_bos,
+    load_plain_model,
+    load_replacement_model,
+)
 from emc.models.guard import finite_guard, hf_checkpoints
 from emc.models.identity import ModelIdentity
 from emc.models.precision import Precision, resolve_precision
@@ -19,6 +24,7 @@ __all__ = [
     "NonFiniteActivationError",
     "Precision",
     "TranscoderMismatchError",
+    "encode_with_bos",
     "finite_guard",
     "hf_checkpoints",
     "load_plain_model",

@@ -72,12 +72,7 @@ class LoadedModel:
         return results
 
     def encode(self, text: str) -> torch.Tensor:
-        """Token ids starting with exactly one BOS, as circuit-tracer's graphs see them."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        return torch.tensor(ids, dtype=torch.long)
+        return encode_with_bos(self.tokenizer, text)
 
     def _padded_forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
         lengths = torch.tensor([len(s) for s in sequences])
@@ -108,6 +103,19 @@ class LoadedModel:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def encode_with_bos(tokenizer, text: str) -> torch.Tensor:
+    """Token ids starting with exactly one BOS, as circuit-tracer's graphs see them.
+
+    circuit-tracer prepends BOS itself only to strings, so EMC tokenises once and passes ids
+    everywhere; a chat template that already writes BOS must not get a second one.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def load_plain_model(config: ExperimentConfig, role: Role, merge: bool = True) -> PreTrainedModel:
