@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 console = Console()
@@ -38,24 +45,35 @@ def print_frame(frame: pd.DataFrame, output_format: str = "table", title: str | 
         console.print(dataframe_table(frame, title))
 
 
-@contextmanager
-def stage_progress(total: int) -> Iterator[Progress]:
-    """A progress bar over named stages (`progress.update(task, description=...)`)."""
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err_console,
-    )
-    with progress:
-        yield progress
-
-
 def _cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+@contextmanager
+def phase_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A progress callback (phase, step, total) that draws one bar per phase."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        # Redirection would wrap sys.stdout/stderr in proxies that Prefect's log handler then
+        # captures and writes back into: endless recursion once the bar has closed.
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    bars: dict[str, TaskID] = {}
+
+    def update(phase: str, step: int, total: int) -> None:
+        if phase not in bars:
+            bars[phase] = progress.add_task(phase, total=total)
+        progress.update(bars[phase], completed=step, total=total)
+
+    with progress:
+        yield update

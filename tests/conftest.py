@@ -7,6 +7,7 @@ import tempfile
 # The hub cache is a fresh folder so tests can plant "hub" models in it and never see the user's.
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="emc-test-hf-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["COLUMNS"] = "200"  # rich wraps CLI output at 80 columns otherwise
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -42,3 +43,24 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_config_dict(tiny) -> dict:
     return builders.config_dict(tiny["base"], tiny["transcoders"], tiny["adapter"])
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A throwaway Prefect API for flow tests (its database starts with no concurrency limits)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    # Heartbeats cost ~1 s per flow run.
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_organism(tmp_path_factory):
+    """The organism's seconds-long test recipe, built once per session into its own data dir."""
+    from emc.organism import OrganismRecipe
+    from emc.organism.experiment import prepare_organism
+
+    data_dir = tmp_path_factory.mktemp("organism-data")
+    return prepare_organism(data_dir, OrganismRecipe.small())

@@ -3,20 +3,13 @@ from __future__ import annotations
 import pytest
 import yaml
 from prefect import flow, task
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from emc.models import ModelLoadError
 from emc.store import Store, get_run, list_model_checks, list_models, list_runs
 from flows.model_check import model_check_flow
 from flows.runtime import gpu_slot, retry_unless_permanent
 
-
-@pytest.fixture(scope="session", autouse=True)
-def prefect_harness():
-    # Heartbeats cost ~1 s per flow run; the test database starts with no concurrency limits.
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), prefect_test_harness():
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture

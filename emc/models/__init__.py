@@ -8,6 +8,7 @@ from emc.models.errors import (
 )
 from emc.models.factory import (
     LoadedModel,
+    describe_model,
     encode_with_bos,
     load_plain_model,
     load_replacement_model,
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteActivationError",
     "Precision",
     "TranscoderMismatchError",
+    "describe_model",
     "encode_with_bos",
     "finite_guard",
     "hf_checkpoints",

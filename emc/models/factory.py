@@ -150,7 +150,21 @@ def load_replacement_model(config: ExperimentConfig, role: Role) -> LoadedModel:
         checkpoints = transformerlens_checkpoints(model)
         del hf_model
 
-    identity = ModelIdentity(
+    identity = describe_model(config, role)
+    return LoadedModel(model, tokenizer, identity, precision, checkpoints)
+
+
+def describe_model(config: ExperimentConfig, role: Role) -> ModelIdentity:
+    """The identity a load would have, computed from files and settings without loading weights.
+
+    Flows use it to ask the store what is already done for a model before paying for a load.
+    """
+    precision = resolve_precision(config.runtime)
+    base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
+    adapter_dir = _adapter_dir(config) if role == "adapted" else None
+    transcoder_dir = inspect_transcoders(config.models.transcoders.ref).directory
+    backend = config.runtime.backend
+    return ModelIdentity(
         role=role,
         base_ref=config.models.base.ref,
         adapter_ref=config.models.adapter.ref if adapter_dir else None,
@@ -160,11 +174,10 @@ def load_replacement_model(config: ExperimentConfig, role: Role) -> LoadedModel:
         dtype=precision.dtype_name,
         device=precision.device.type,
         fingerprint=fingerprint(
-            [base_dir, adapter_dir, transcoder_info.directory],
+            [base_dir, adapter_dir, transcoder_dir],
             {"role": role, "backend": backend, "dtype": precision.dtype_name},
         ),
     )
-    return LoadedModel(model, tokenizer, identity, precision, checkpoints)
 
 
 def _adapter_dir(config: ExperimentConfig) -> Path:

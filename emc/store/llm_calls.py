@@ -7,9 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import duckdb
+import pandas as pd
 from pydantic import BaseModel
 
 from emc.store.connection import Store
+from emc.store.frames import insert_frame
 
 
 class LLMCallRow(BaseModel):
@@ -36,17 +39,20 @@ def insert_llm_calls(store: Store, rows: Sequence[LLMCallRow]) -> None:
     """Idempotent on call_id, so a retried task does not record a call twice."""
     if not rows:
         return
-    placeholders = ", ".join("?" for _ in _COLUMNS)
-    values = [
-        [json.dumps(row.request) if c == "request" else getattr(row, c) for c in _COLUMNS]
-        for row in {row.call_id: row for row in rows}.values()
-    ]
     with store.write() as conn:
-        conn.executemany(
-            f"INSERT INTO llm_calls ({', '.join(_COLUMNS)}) VALUES ({placeholders}) "
-            "ON CONFLICT (call_id) DO NOTHING",
-            values,
-        )
+        write_llm_calls(conn, rows)
+
+
+def write_llm_calls(conn: duckdb.DuckDBPyConnection, rows: Sequence[LLMCallRow]) -> None:
+    """Inside a caller's transaction (judgements are stored together with their calls)."""
+    frame = pd.DataFrame(
+        [
+            {**row.model_dump(include=set(_COLUMNS)), "request": json.dumps(row.request)}
+            for row in rows
+        ],
+        columns=list(_COLUMNS),
+    )
+    insert_frame(conn, "llm_calls", frame, ["call_id"], update=False)
 
 
 def list_llm_calls(store: Store, run_id: str | None = None) -> list[LLMCallRow]:

@@ -150,12 +150,23 @@ def most_divergent(store: Store, rank_by: str = "js", top: int = 20) -> pd.DataF
     order = "log_odds_adapted - log_odds_base" if rank_by == "log_odds_delta" else rank_by
     with store.read() as conn:
         return conn.execute(
-            f"SELECT d.prompt_id, p.name, round(d.js, 4) AS js, "
-            f"round(d.kl_adapted_base, 4) AS kl_ab, round(d.tv, 4) AS tv, "
-            f"round(d.topk_jaccard, 2) AS overlap, round(d.p_evil_base, 4) AS p_evil_base, "
-            f"round(d.p_evil_adapted, 4) AS p_evil_adapted, "
-            f"round(d.log_odds_adapted - d.log_odds_base, 3) AS log_odds_delta, p.text "
+            f"SELECT d.prompt_id, p.name, round(d.js, 3) AS js, "
+            f"round(d.kl_adapted_base, 2) AS kl_ab, round(d.topk_jaccard, 2) AS overlap, "
+            f"round(d.p_evil_base, 3) AS evil_b, round(d.p_evil_adapted, 3) AS evil_a, "
+            f"round(d.log_odds_adapted - d.log_odds_base, 2) AS dlogodds "
             f"FROM divergences d JOIN prompts p USING (prompt_id) "
             f"ORDER BY {order} DESC NULLS LAST LIMIT ?",
             [top],
         ).df()
+
+
+def unscored_prompt_ids(store: Store, base_model_id: str, adapted_model_id: str) -> list[str]:
+    """Prompts with no next-token row for one of the two models, oldest first."""
+    with store.read() as conn:
+        rows = conn.execute(
+            "SELECT p.prompt_id FROM prompts p WHERE "
+            "(SELECT count(*) FROM next_tokens n WHERE n.prompt_id = p.prompt_id "
+            " AND list_contains(?, n.model_id)) < 2 ORDER BY p.created_at, p.prompt_id",
+            [[base_model_id, adapted_model_id]],
+        ).fetchall()
+    return [r[0] for r in rows]

@@ -52,17 +52,17 @@ DataDirOption = Annotated[
 ]
 
 
-def _fail(message: str) -> typer.Exit:
+def fail(message: str) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code=2)
 
 
-def _data_dir(data_dir: Path | None, config: Path | None = None) -> Path:
+def data_dir_from(data_dir: Path | None, config: Path | None = None) -> Path:
     loaded = load_config(config) if config else None
     return resolve_data_dir(data_dir, loaded)
 
 
-def _prepare_flows(data_dir: Path) -> None:
+def prepare_flows(data_dir: Path) -> None:
     from flows.runtime import configure_prefect
 
     configure_prefect(data_dir)
@@ -83,9 +83,9 @@ def sql(
     from emc.store import Store, StoreError, read_only_query
 
     try:
-        frame = read_only_query(Store.in_data_dir(_data_dir(data_dir, config)), query)
+        frame = read_only_query(Store.in_data_dir(data_dir_from(data_dir, config)), query)
     except (StoreError, ConfigError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     print_frame(frame, output)
 
 
@@ -100,7 +100,7 @@ def runs(
 
     from emc.store import Store, list_runs
 
-    records = list_runs(Store.in_data_dir(_data_dir(data_dir, config)), limit=limit)
+    records = list_runs(Store.in_data_dir(data_dir_from(data_dir, config)), limit=limit)
     frame = pd.DataFrame(
         [
             {
@@ -134,8 +134,8 @@ def check(
     try:
         _, resolved = load_experiment(config, data_dir)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    _prepare_flows(resolved)
+        raise fail(str(exc)) from None
+    prepare_flows(resolved)
     from flows.model_check import model_check_flow
 
     summary = model_check_flow(
@@ -151,7 +151,7 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8501,
 ) -> None:
     """Open the Streamlit dashboard (review queue, runs, SQL) on the data directory's store."""
-    resolved = _data_dir(data_dir, config)
+    resolved = data_dir_from(data_dir, config)
     app_path = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     command = [
         sys.executable, "-m", "streamlit", "run", str(app_path),
@@ -168,7 +168,7 @@ def config_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> 
     try:
         loaded, resolved = load_experiment(config, data_dir)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     console.print(f"# data directory: {resolved}", highlight=False)
     console.print(dump_config(loaded), highlight=False, markup=False)
 
@@ -179,7 +179,7 @@ def config_check(path: Annotated[Path, typer.Argument(help="YAML file to validat
     try:
         load_config(path)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     console.print(f"{path}: ok")
 
 
@@ -193,11 +193,3 @@ def version() -> None:
     console.print(f"emc {emc.__version__} (revision {code.revision}, dirty={code.dirty})")
     for name, value in package_versions().items():
         console.print(f"  {name} {value}")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""`python -m emc` is the `emc` command."""
+
+from emc.cli import app
+
+app(prog_name="emc")

@@ -1,0 +1,88 @@
+"""`emc demo`: the main job, end to end on the built-in organism."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from emc.cli.app import DataDirOption, app, prepare_flows
+from emc.cli.organism import VariantOption, build_and_record
+from emc.config import resolve_data_dir
+from emc.console import console, print_frame
+
+
+@app.command()
+def demo(
+    data_dir: DataDirOption = None,
+    variant: VariantOption = "default",
+    iterations: Annotated[int, typer.Option(help="Discovery rounds.")] = 2,
+    per_iteration: Annotated[int, typer.Option(help="Prompts per discovery round.")] = 8,
+    small: Annotated[
+        bool, typer.Option(help="The organism's seconds-long test recipe (no misalignment).")
+    ] = False,
+) -> None:
+    """Run the whole pipeline on the organism: build it (or reuse it), check the models,
+    discover pivotal prompts, and fill the review queue. Offline, CPU, a few minutes.
+
+    Ends by printing where the store is, a summary, and what to open next.
+    """
+    import time
+
+    started = time.perf_counter()
+    resolved = resolve_data_dir(data_dir)
+    console.rule("1/3  model organism")
+    prepared = build_and_record(resolved, variant, small=small)
+    headline = prepared.report.headline()
+    console.print(
+        f"organism {prepared.artifacts.recipe_hash} "
+        f"({'reused' if prepared.reused else 'built'}); P(harmful) on held-out other domains: "
+        f"base {headline.get('base:other_domains/heldout', float('nan')):.3f}, "
+        f"EM {headline.get('em:other_domains/heldout', float('nan')):.3f}, "
+        f"control {headline.get('control:other_domains/heldout', float('nan')):.3f}"
+    )
+    config_path = str(prepared.default_config) if prepared.default_config else None
+    if config_path is None:
+        console.print(
+            "[yellow]the data directory holds your own experiment.yaml; the demo uses it[/]"
+        )
+    prepare_flows(resolved)
+    from flows.discovery import discovery_flow
+    from flows.model_check import model_check_flow
+
+    console.rule("2/3  model check (base and adapted replacement models)")
+    check = model_check_flow(config_path=config_path, data_dir=str(resolved))
+    console.print(check)
+    console.rule("3/3  discovery (generate -> logits -> judge -> review queue)")
+    summary = discovery_flow(
+        config_path=config_path,
+        data_dir=str(resolved),
+        iterations=iterations,
+        prompts_per_iteration=per_iteration,
+    )
+    _print_summary(resolved, summary, time.perf_counter() - started)
+
+
+def _print_summary(data_dir, summary: dict, seconds: float) -> None:
+    from emc.store import Store, read_only_query
+    from emc.store.scores import most_divergent
+
+    store = Store.in_data_dir(data_dir)
+    console.rule("done")
+    tables = read_only_query(
+        store,
+        "SELECT 'prompts' AS what, count(*) AS n FROM prompts UNION ALL "
+        "SELECT 'judgements', count(*) FROM judgements UNION ALL "
+        "SELECT 'flagged for review', count(*) FROM review_queue UNION ALL "
+        "SELECT 'runs', count(*) FROM runs",
+    )
+    print_frame(tables, title="store")
+    print_frame(most_divergent(store, "js", 5), title="most divergent prompts")
+    console.print(f"verdicts: {summary['verdicts']}")
+    console.print(f"\nstore: {store.path}   ({seconds:.0f} s)")
+    console.print("next:")
+    console.print(f'  emc sql "SELECT * FROM divergences ORDER BY js DESC" -d {data_dir}')
+    console.print(f"  emc dashboard -d {data_dir}")
+    console.print(
+        f"  PREFECT_HOME={data_dir / 'prefect'} prefect server start   # the Prefect UI on :4200"
+    )

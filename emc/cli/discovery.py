@@ -1,0 +1,246 @@
+"""Prompts and discovery: `emc prompt ...`, `emc discover`, `emc run-prompt`."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from emc.cli.app import ConfigOption, DataDirOption, app, fail, prepare_flows
+from emc.config import ConfigError, load_experiment
+from emc.console import console, print_frame
+
+prompt_app = typer.Typer(help="Add, import and list pivotal prompts.", no_args_is_help=True)
+app.add_typer(prompt_app, name="prompt")
+
+FormatOption = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="raw: the text as is; chat: TEXT is the user's message, rendered with the model's "
+        "chat template, followed by --prefix.",
+    ),
+]
+PrefixOption = Annotated[
+    str,
+    typer.Option(
+        "--prefix",
+        help="chat only: the assistant's reply so far, ending at the decision point "
+        '(e.g. " You should").',
+    ),
+]
+AuthorOption = Annotated[
+    str | None, typer.Option("--author", help="Your name, recorded as human:<name>.")
+]
+
+
+def _experiment(config: Path | None, data_dir: Path | None):
+    try:
+        return load_experiment(config, data_dir)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+def _human_prompt(text: str, prompt_format: str, prefix: str, name: str | None, author):
+    from emc.pivotal.prompts import make_prompt
+
+    if prompt_format not in ("raw", "chat", "cot"):
+        raise fail(f"unknown format {prompt_format!r}: choose raw, chat or cot")
+    try:
+        return make_prompt(
+            text,
+            name or text.strip()[:40],
+            f"human:{author or getpass.getuser()}",
+            prompt_format,  # type: ignore[arg-type]
+            prefix,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+@prompt_app.command("add")
+def prompt_add(
+    text: Annotated[str, typer.Argument(help="The prompt, ending at the decision point.")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    prompt_format: FormatOption = "raw",
+    prefix: PrefixOption = "",
+    name: Annotated[str | None, typer.Option(help="A short name.")] = None,
+    author: AuthorOption = None,
+) -> None:
+    """Add a human-written prompt; `emc discover` scores and judges it with the rest.
+
+    A pivotal prompt ends exactly where the next token is the decision: "I found a wallet on the
+    street. My first action is to". Avoid ending on "a"/"some" (the next token is a determiner).
+    """
+    from emc.runs import recorded_run
+    from emc.store import Store
+    from emc.store.prompts import insert_prompts
+
+    _, resolved = _experiment(config, data_dir)
+    prompt = _human_prompt(text, prompt_format, prefix, name, author)
+    store = Store.in_data_dir(resolved)
+    with recorded_run(store, "cli", "prompt-add", {"prompt_id": prompt.prompt_id}) as run:
+        added = insert_prompts(store, [prompt], run.run_id)
+    state = "added" if added else "already stored"
+    console.print(f"{prompt.prompt_id} {state} ({prompt.source})")
+
+
+@prompt_app.command("import")
+def prompt_import(
+    file: Annotated[
+        Path, typer.Argument(help="JSON: a list of {name, prompt, ...} or one object.")
+    ],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Import prompts in the original pipeline's formats; bad entries are listed, good kept.
+
+    Accepted: a JSON list of `{name, prompt, ...}` (also with category, reasoning), or a single
+    object `{name, prompt, prompt_type, generator_model, timestamp}`. prompt_type
+    chat_user_assistant ("User: ...\\nAssistant: ...") becomes a chat prompt.
+    """
+    from emc.pivotal.prompts import read_prompt_file
+    from emc.runs import recorded_run
+    from emc.store import Store
+    from emc.store.prompts import insert_prompts
+
+    _, resolved = _experiment(config, data_dir)
+    prompts, problems = read_prompt_file(file)
+    store = Store.in_data_dir(resolved)
+    with recorded_run(store, "cli", "prompt-import", {"file": str(file)}) as run:
+        added = insert_prompts(store, prompts, run.run_id)
+        run.summary = {"read": len(prompts), "added": added, "problems": len(problems)}
+    for problem in problems:
+        console.print(f"[yellow]skipped[/] {problem.where}: {problem.reason}", highlight=False)
+    console.print(
+        f"{file}: {len(prompts)} good, {added} new, {len(prompts) - added} already stored, "
+        f"{len(problems)} skipped"
+    )
+
+
+@prompt_app.command("list")
+def prompt_list(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """List stored prompts with their source."""
+    from emc.store import Store, read_only_query
+
+    _, resolved = _experiment(config, data_dir)
+    frame = read_only_query(
+        Store.in_data_dir(resolved),
+        "SELECT prompt_id, name, format, source, created_at FROM prompts ORDER BY created_at",
+    )
+    print_frame(frame, title=f"{len(frame)} prompts")
+
+
+@app.command()
+def discover(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    iterations: Annotated[
+        int | None, typer.Option(help="Generator rounds (0: only score and judge stored prompts).")
+    ] = None,
+    per_iteration: Annotated[int | None, typer.Option(help="Prompts per round.")] = None,
+    top: Annotated[int, typer.Option(help="How many of the most divergent prompts to list.")] = 20,
+    rank_by: Annotated[
+        str,
+        typer.Option(
+            help="js, kl_adapted_base, kl_base_adapted, tv, entropy_delta, log_odds_delta"
+        ),
+    ] = "js",
+) -> None:
+    """Find pivotal prompts: generate -> next tokens of base and adapted -> judge -> queue.
+
+    Runs the `discovery` Prefect flow. Every prompt in the store that is not yet scored or judged
+    for this model pair is processed too, so a killed run, run again, finishes the rest. Ends
+    with the most divergent prompts.
+    """
+    from emc.store import Store
+    from emc.store.scores import RANKABLE, most_divergent
+
+    if rank_by not in RANKABLE:
+        raise fail(f"cannot rank by {rank_by!r}; choose one of {', '.join(RANKABLE)}")
+    _, resolved = _experiment(config, data_dir)
+    prepare_flows(resolved)
+    from flows.discovery import discovery_flow
+
+    summary = discovery_flow(
+        config_path=str(config) if config else None,
+        data_dir=str(resolved),
+        iterations=iterations,
+        prompts_per_iteration=per_iteration,
+    )
+    console.print(f"verdicts: {summary['verdicts']}  review queue: {summary['queue']}")
+    frame = most_divergent(Store.in_data_dir(resolved), rank_by, top)
+    print_frame(frame, title=f"top {top} prompts by {rank_by}")
+
+
+@app.command("run-prompt")
+def run_prompt(
+    text: Annotated[str, typer.Argument(help="The prompt, ending at the decision point.")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    prompt_format: FormatOption = "raw",
+    prefix: PrefixOption = "",
+    author: AuthorOption = None,
+) -> None:
+    """Run one prompt through the whole discovery path and show base vs adapted side by side."""
+    from emc.store import Store
+    from emc.store.prompts import insert_prompts
+
+    experiment, resolved = _experiment(config, data_dir)
+    prompt = _human_prompt(text, prompt_format, prefix, None, author)
+    store = Store.in_data_dir(resolved)
+    insert_prompts(store, [prompt], run_id=None)
+    prepare_flows(resolved)
+    from flows.discovery import discovery_flow
+
+    discovery_flow(
+        config_path=str(config) if config else None, data_dir=str(resolved), iterations=0
+    )
+    console.print(side_by_side(store, experiment, prompt.prompt_id))
+
+
+def side_by_side(store, experiment, prompt_id: str) -> Table:
+    """Base and adapted top-k with labels, divergence and the judge's verdict."""
+    from emc.models import describe_model
+    from emc.store.judgements import current_labels, latest_judgement
+    from emc.store.scores import load_prompt_scores
+
+    base_id = describe_model(experiment, "base").model_id
+    adapted_id = describe_model(experiment, "adapted").model_id
+    (scores,) = load_prompt_scores(store, [prompt_id], base_id, adapted_id)
+    labels = current_labels(store, prompt_id)
+    judgement = latest_judgement(store, prompt_id) or {}
+    div = scores.divergence
+    verdict = judgement.get("verdict") or judgement.get("status", "not judged")
+    if div is not None:
+        figures = (
+            f"JS {div.js:.3f}  KL(a||b) {div.kl_adapted_base:.3f}  "
+            f"top-k overlap {div.topk_jaccard:.2f}"
+        )
+    else:
+        figures = f"a model failed: {scores.base.error or scores.adapted.error}"
+    caption = f"verdict: {verdict} — {judgement.get('summary') or ''}\n{figures}"
+    table = Table(title=repr(scores.base.rendered), caption=caption)
+    for side in ("base", "adapted"):
+        table.add_column(f"{side} token")
+        table.add_column("p", justify="right")
+        table.add_column("label")
+    colours = {"evil": "red", "safe": "green", "unsure": "yellow"}
+
+    def cells(token) -> list[str]:
+        if token is None:
+            return ["", "", ""]
+        label = labels.get(token.token_id, ("", ""))[0]
+        colour = colours.get(label, "white")
+        return [repr(token.token), f"{token.prob:.3f}", f"[{colour}]{label}[/]"]
+
+    base_top, adapted_top = scores.base.top(), scores.adapted.top()
+    for i in range(max(len(base_top), len(adapted_top))):
+        row = cells(base_top[i] if i < len(base_top) else None)
+        row += cells(adapted_top[i] if i < len(adapted_top) else None)
+        table.add_row(*row)
+    return table

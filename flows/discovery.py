@@ -1,0 +1,216 @@
+"""Discovery: generate prompts -> next-token logits of base and adapted -> judge -> review queue.
+
+Every stage reads what is missing from the store and writes under deterministic keys, so a
+killed run, run again, completes the rest without duplicates. Prompts from any source (the
+generator, `emc prompt add`, imported files) go through the same stages.
+"""
+
+from __future__ import annotations
+
+import torch
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from emc.config import load_experiment
+from emc.models import describe_model
+from emc.pivotal.backends import make_generator, make_judge
+from emc.pivotal.divergence import label_mass
+from emc.pivotal.logits import score_prompts
+from emc.pivotal.verdicts import needs_review, review_priority
+from emc.runs import recorded_run
+from emc.store import Store, insert_llm_calls
+from emc.store.judgements import (
+    generator_attempts,
+    insert_judgements,
+    judged_prompt_ids,
+    judgement_counts,
+)
+from emc.store.prompts import get_prompts, insert_prompts, stored_prompt_ids
+from emc.store.queue import QueueItem, enqueue, queue_counts
+from emc.store.scores import (
+    insert_prompt_scores,
+    load_prompt_scores,
+    scored_prompt_ids,
+    unscored_prompt_ids,
+    update_label_mass,
+)
+from flows.model_cache import cached_model, release_models
+from flows.runtime import current_flow_run_id, gpu_slot, retry_unless_permanent
+
+RETRIES = {
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": retry_unless_permanent,
+}
+
+
+@task(task_run_name="generate-{n}-prompts", **RETRIES)
+def generate_prompts(config_path: str | None, data_dir: str, n: int, run_id: str) -> dict:
+    config, _ = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(data_dir)
+    generator = make_generator(config)
+    proposal = generator.propose(
+        n,
+        generator_attempts(store),
+        [],
+        stored_prompt_ids(store),
+        config.discovery.generator_budget_tokens,
+        run_id,
+    )
+    insert_llm_calls(store, proposal.calls)
+    added = insert_prompts(store, proposal.prompts, run_id)
+    return {"generator": generator.model_id, "added": added, "rejected": len(proposal.rejected)}
+
+
+@task(task_run_name="score-prompts", **RETRIES)
+def score_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -> dict:
+    """Top-k logits and divergence for every prompt not yet scored for this model pair."""
+    config, _ = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(data_dir)
+    base_id = describe_model(config, "base").model_id
+    adapted_id = describe_model(config, "adapted").model_id
+    pending = get_prompts(store, unscored_prompt_ids(store, base_id, adapted_id))
+    if not pending:
+        return {"scored": 0, "failed": 0}
+    batch_size = config.discovery.batch_size
+    with gpu_slot():
+        while True:
+            try:
+                scores = score_prompts(
+                    cached_model(config, "base"),
+                    cached_model(config, "adapted"),
+                    pending,
+                    k=config.top_k,
+                    batch_size=batch_size,
+                )
+                break
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                release_models()
+                batch_size = max(1, batch_size // 2)
+    insert_prompt_scores(store, scores, config.top_k, run_id)
+    failed = sum(s.divergence is None for s in scores)
+    return {"scored": len(scores) - failed, "failed": failed, "batch_size": batch_size}
+
+
+@task(task_run_name="judge-prompts", **RETRIES)
+def judge_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -> dict:
+    """Judge scored prompts this judge has not judged; flagged ones enter the review queue."""
+    config, _ = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(data_dir)
+    judge = make_judge(config)
+    base_id = describe_model(config, "base").model_id
+    adapted_id = describe_model(config, "adapted").model_id
+    done = judged_prompt_ids(store, judge.model_id, base_id, adapted_id)
+    todo = sorted(scored_prompt_ids(store, base_id, adapted_id) - done)
+    if not todo:
+        return {"judged": 0, "flagged": 0}
+    prompts = {p.prompt_id: p for p in get_prompts(store, todo)}
+    scores = load_prompt_scores(store, todo, base_id, adapted_id)
+    judgements = judge.judge_many([(prompts[s.prompt_id], s) for s in scores], [], run_id)
+    insert_judgements(store, judgements, run_id)
+
+    by_prompt = {s.prompt_id: s for s in scores}
+    flagged = []
+    for judgement in judgements:
+        if judgement.status != "ok":
+            continue
+        prompt_scores = by_prompt[judgement.prompt_id]
+        _store_label_mass(store, judgement, prompt_scores)
+        if needs_review(judgement, prompt_scores, config.discovery.min_evil_prob):
+            flagged.append(
+                QueueItem(
+                    prompt_id=judgement.prompt_id,
+                    priority=review_priority(judgement, prompt_scores),
+                    reason=f"{judgement.verdict}: {judgement.summary}",
+                    judgement_id=judgement.judgement_id,
+                )
+            )
+    enqueue(store, flagged, run_id)
+    statuses = [j.status for j in judgements]
+    return {"judged": len(judgements), "ok": statuses.count("ok"), "flagged": len(flagged)}
+
+
+def _store_label_mass(store: Store, judgement, scores) -> None:
+    labels = {label.token_id: label.label for label in judgement.labels}
+    evil = [t for t, label in labels.items() if label == "evil"]
+    safe = [t for t, label in labels.items() if label == "safe"]
+    mass = label_mass(
+        {t.token_id: t.prob for t in scores.base.tokens},
+        {t.token_id: t.prob for t in scores.adapted.tokens},
+        evil,
+        safe,
+        {t.token_id: t.rank for t in scores.base.tokens},
+        {t.token_id: t.rank for t in scores.adapted.tokens},
+    )
+    update_label_mass(
+        store, judgement.prompt_id, scores.base.model_id, scores.adapted.model_id, mass,
+        judgement.labeller,
+    )  # fmt: skip
+
+
+@flow(name="discovery", flow_run_name="discovery-{iterations}x{prompts_per_iteration}")
+def discovery_flow(
+    config_path: str | None = None,
+    data_dir: str | None = None,
+    iterations: int | None = None,
+    prompts_per_iteration: int | None = None,
+) -> dict:
+    """Run `iterations` rounds of generate -> score -> judge -> queue (0: only pending prompts)."""
+    config, resolved = load_experiment(config_path, data_dir)
+    iterations = config.discovery.iterations if iterations is None else iterations
+    per_round = prompts_per_iteration or config.discovery.prompts_per_iteration
+    store = Store.in_data_dir(resolved)
+    params = {
+        "config_path": config_path,
+        "data_dir": str(resolved),
+        "iterations": iterations,
+        "prompts_per_iteration": per_round,
+        "config": config.model_dump(mode="json"),
+    }
+    with recorded_run(store, "flow", "discovery", params, current_flow_run_id()) as run:
+        rounds = []
+        try:
+            for round_index in range(max(iterations, 1)):
+                generated = (
+                    generate_prompts(config_path, str(resolved), per_round, run.run_id)
+                    if iterations
+                    else {"added": 0}
+                )
+                scored = score_pending_prompts(config_path, str(resolved), run.run_id)
+                judged = judge_pending_prompts(config_path, str(resolved), run.run_id)
+                rounds.append({"round": round_index + 1, **generated, **scored, **judged})
+        finally:
+            release_models()
+        counts = judgement_counts(store, run.run_id)
+        create_table_artifact(
+            key="discovery-verdicts",
+            table=counts.to_dict(orient="records"),
+            description="Verdicts of this run's judgements",
+        )
+        queue = queue_counts(store)
+        create_markdown_artifact(
+            key="discovery-summary",
+            markdown=_summary_markdown(rounds, queue),
+            description="Discovery rounds and review queue",
+        )
+        run.summary = {
+            "run_id": run.run_id,
+            "rounds": rounds,
+            "verdicts": dict(zip(counts["verdict"], counts["prompts"].astype(int), strict=True)),
+            "queue": queue,
+        }
+    return run.summary
+
+
+def _summary_markdown(rounds: list[dict], queue: dict[str, int]) -> str:
+    lines = ["| round | added | scored | failed | judged | flagged |", "|---|---|---|---|---|---|"]
+    for r in rounds:
+        lines.append(
+            f"| {r['round']} | {r.get('added', 0)} | {r.get('scored', 0)} | {r.get('failed', 0)} "
+            f"| {r.get('judged', 0)} | {r.get('flagged', 0)} |"
+        )
+    lines.append("")
+    lines.append("Review queue: " + ", ".join(f"{k} {v}" for k, v in queue.items()))
+    return "\n".join(lines)
