@@ -27,6 +27,7 @@ from emc.store.judgements import (
 )
 from emc.store.prompts import get_prompts, insert_prompts, stored_prompt_ids
 from emc.store.queue import QueueItem, enqueue, queue_counts
+from emc.store.reviews import generator_feedback, judge_examples
 from emc.store.scores import (
     insert_prompt_scores,
     load_prompt_scores,
@@ -52,7 +53,7 @@ def generate_prompts(config_path: str | None, data_dir: str, n: int, run_id: str
     proposal = generator.propose(
         n,
         generator_attempts(store),
-        [],
+        generator_feedback(store),
         stored_prompt_ids(store),
         config.discovery.generator_budget_tokens,
         run_id,
@@ -108,7 +109,8 @@ def judge_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -
         return {"judged": 0, "flagged": 0}
     prompts = {p.prompt_id: p for p in get_prompts(store, todo)}
     scores = load_prompt_scores(store, todo, base_id, adapted_id)
-    judgements = judge.judge_many([(prompts[s.prompt_id], s) for s in scores], [], run_id)
+    items = [(prompts[s.prompt_id], s) for s in scores]
+    judgements = judge.judge_many(items, judge_examples(store), run_id)
     insert_judgements(store, judgements, run_id)
 
     by_prompt = {s.prompt_id: s for s in scores}

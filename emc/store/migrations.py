@@ -243,6 +243,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        5,
+        "human reviews",
+        (
+            """
+            CREATE TABLE reviews (
+                review_id     VARCHAR PRIMARY KEY,
+                prompt_id     VARCHAR NOT NULL,
+                reviewer      VARCHAR NOT NULL,     -- human:<name>
+                action        VARCHAR NOT NULL,     -- agree | relabel | reject
+                judgement_id  VARCHAR,              -- the judgement the person saw
+                disagreed     BOOLEAN NOT NULL,     -- a label differs from the judge's
+                explanation   VARCHAR,              -- required when disagreeing
+                reject_reason VARCHAR,              -- required when rejecting
+                labels        JSON NOT NULL,        -- {token_id: label} as submitted
+                source        VARCHAR NOT NULL,     -- dashboard | import:<path> | cli
+                run_id        VARCHAR,
+                created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+            )
+            """,
+        ),
+    ),
 )
 
 
