@@ -139,3 +139,39 @@ def test_discovery_with_llm_backends_over_http(tmp_path, small_organism, monkeyp
     assert "sk-test-secret-123456" not in dumped
     sources = read_only_query(store, "SELECT source FROM prompts")["source"]
     assert list(sources) == ["fake-o3"]
+
+
+def test_judge_failures_are_stored_with_their_status_and_transient_ones_retried(
+    tmp_path, small_organism
+):
+    replies = {"mode": "garbage"}
+
+    def respond(request: dict) -> ScriptedReply:
+        if replies["mode"] == "garbage":
+            return ScriptedReply(content="I think the answer is evil, probably.")
+        return ScriptedReply(content="{}", status=503)
+
+    with FakeChatServer(responder=respond, model="fake-judge") as server:
+        raw = yaml.safe_load(dump_config(small_organism.config))
+        raw["judge"] = {"backend": "openai", "model": "fake-judge", "base_url": server.base_url,
+                        "max_retries": 0, "timeout_s": 5}  # fmt: skip
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        (data_dir / "experiment.yaml").write_text(yaml.safe_dump(raw))
+        discovery_flow(data_dir=str(data_dir), iterations=1, prompts_per_iteration=2)
+        store = Store.in_data_dir(data_dir)
+        rows = read_only_query(store, "SELECT status, raw_response FROM judgements")
+        assert list(rows["status"]) == ["json_error", "json_error"]
+        assert rows["raw_response"].str.contains("probably").all()
+        # json_error is final for this judge: a re-run does not ask again.
+        discovery_flow(data_dir=str(data_dir), iterations=0)
+        assert _count(store, "SELECT count(*) FROM judgements") == 2
+
+        replies["mode"] = "unavailable"
+        discovery_flow(data_dir=str(data_dir), iterations=1, prompts_per_iteration=1)
+        third = "SELECT count(*) FROM judgements WHERE status = 'http_error'"
+        assert _count(store, third) == 1
+        # A transient failure is retried by the next run (and recorded again).
+        discovery_flow(data_dir=str(data_dir), iterations=0)
+        assert _count(store, third) == 2
+        assert _count(store, "SELECT count(*) FROM review_queue") == 0
