@@ -87,6 +87,26 @@ class DiscoveryConfig(_Strict):
     min_evil_prob: float = Field(default=0.05, ge=0, le=1)
 
 
+class TracingConfig(_Strict):
+    """Attribution graphs: which prompts, which targets, and circuit-tracer's knobs."""
+
+    # reviewed: prompts a person reviewed (not rejected); flagged: everything in the queue.
+    select: Literal["reviewed", "flagged"] = "reviewed"
+    # salient: top logits by cumulative probability; labelled: exactly the labelled tokens;
+    # contrastive: one custom target, the evil-minus-safe unembedding direction.
+    targets: Literal["salient", "labelled", "contrastive"] = "labelled"
+    max_n_logits: int = Field(default=10, ge=1)
+    desired_logit_prob: float = Field(default=0.95, gt=0, le=1)
+    max_feature_nodes: int | None = Field(default=4096, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    offload: Literal["cpu", "disk"] | None = None
+    node_threshold: float = Field(default=0.8, gt=0, le=1)
+    edge_threshold: float = Field(default=0.98, gt=0, le=1)
+    keep_raw: bool = False  # also keep the raw graph as a compressed, checksummed side file
+    # Graph target probabilities may differ from discovery's by float rounding only.
+    logit_tolerance: float = Field(default=1e-3, gt=0)
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     data_dir: str | None = None
@@ -95,6 +115,7 @@ class ExperimentConfig(_Strict):
     generator: LLMConfig = LLMConfig(model="organism-scenarios")
     judge: LLMConfig = LLMConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    tracing: TracingConfig = TracingConfig()
     # The organism's lexicon.json: ground truth for the offline generator and judge.
     ground_truth: str | None = None
     top_k: int = Field(default=10, ge=1, le=1000)
