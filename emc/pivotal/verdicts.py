@@ -82,10 +82,7 @@ def _ruling(verdict: Verdict, outcome: Outcome, summary: str) -> Ruling:
     return Ruling(verdict=verdict, outcome=outcome, summary=summary)
 
 
-def _names(token_ids: list[int], scores: dict, verb: str) -> str:
+def _names(token_ids: list[int], scores: dict, sentence: str) -> str:
+    """`sentence` with {words} replaced by the first few tokens, e.g. "harmful ' keep' rises"."""
     words = ", ".join(repr(scores[t].token) for t in token_ids[:3])
-    return (
-        f"harmful {words} {verb} in the adapted model"
-        if verb != "drops"
-        else (f"safe {words} drops in the adapted model")
-    )
+    return f"{sentence.format(words=words)} in the adapted model"
