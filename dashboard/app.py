@@ -12,5 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 st.set_page_config(page_title="EMC", page_icon="🔬", layout="wide")
 
-pages = [st.Page("pages/runs.py", title="Runs", icon="🏃", default=True)]
+pages = [
+    st.Page("views/runs.py", title="Runs", icon="🏃", default=True),
+    st.Page("views/review.py", title="Review", icon="🧐"),
+]
 st.navigation(pages).run()

@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 from emc.runs import recorded_run
 from emc.store import Store
 
-PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "pages" / "runs.py")
+PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "runs.py")
 
 
 @pytest.fixture

@@ -118,3 +118,12 @@ def current_labels(store: Store, prompt_id: str) -> dict[int, tuple[str, str]]:
             [prompt_id],
         ).fetchall()
     return {token_id: (label, labeller) for token_id, label, labeller in rows}
+
+
+def verdicts_by_day(store: Store) -> pd.DataFrame:
+    """Judgements per day and verdict (failed ones under their status), oldest first."""
+    with store.read() as conn:
+        return conn.execute(
+            "SELECT CAST(created_at AS DATE) AS day, coalesce(verdict, status) AS verdict, "
+            "count(*) AS judgements FROM judgements GROUP BY 1, 2 ORDER BY 1, 2"
+        ).df()

@@ -1,0 +1,186 @@
+"""The dashboard in a real headless Chromium: a reviewer relabels a token and saves it.
+
+Needs Debian's chromium and PyPI's playwright (`bash scripts/install_browser.sh`). A missing
+browser fails the test instead of skipping it, so CI cannot pass without running it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dashboard import review_view
+from emc.config import dump_config
+from emc.store import STORE_FILE_NAME, Store
+from emc.store.judgements import current_labels
+from emc.store.queue import list_queue, queue_counts
+from emc.store.reviews import list_reviews
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+INSTALL_HINT = "run `bash scripts/install_browser.sh` (Debian chromium + PyPI playwright)"
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def browser_tools():
+    """Checked before the store is built, so a missing browser fails in seconds."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: {INSTALL_HINT}")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail(f"the playwright package is missing: {INSTALL_HINT}")
+    return sync_playwright, expect
+
+
+@pytest.fixture(scope="module")
+def discovered(browser_tools, tmp_path_factory, small_organism, prefect_harness) -> Path:
+    """A store after one discovery round: prompts, logits, judgements and a pending queue."""
+    from flows.discovery import discovery_flow
+
+    template = tmp_path_factory.mktemp("e2e-template")
+    (template / "experiment.yaml").write_text(dump_config(small_organism.config))
+    discovery_flow(data_dir=str(template), iterations=1, prompts_per_iteration=3)
+    assert queue_counts(Store.in_data_dir(template))["pending"] >= 1
+    return template
+
+
+@pytest.fixture
+def data_dir(discovered, tmp_path) -> Path:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for path in discovered.glob(f"{STORE_FILE_NAME}*"):
+        shutil.copy(path, data_dir / path.name)
+    return data_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def dashboard_url(data_dir, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "streamlit.log"
+    command = [
+        sys.executable, "-m", "streamlit", "run", "dashboard/app.py",
+        "--server.headless", "true", "--server.address", "127.0.0.1",
+        "--server.port", str(port), "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none",
+    ]  # fmt: skip
+    env = {**os.environ, "EMC_DATA_DIR": str(data_dir)}
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"streamlit exited with {server.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit was not healthy after 60 s:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def finish_run(page) -> None:
+    """Wait for the script run to end; until then the page mixes old and new elements.
+
+    Call it once something the run writes is visible: before a run starts there is nothing to
+    wait for. Old elements are marked stale, and the running indicator shows only after a delay.
+    """
+    page.wait_for_function(
+        "() => !document.querySelector('[data-stale=\"true\"], [data-testid=stStatusWidget]')"
+    )
+
+
+def screenshot(page, name: str) -> None:
+    # Streamlit scrolls inside its main element, so a full-page shot would show one screen:
+    # grow the window to the content first.
+    height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
+    page.set_viewport_size({"width": 1400, "height": max(height, 1000)})
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_a_reviewer_relabels_a_token_in_the_browser(browser_tools, dashboard_url, data_dir):
+    store = Store.in_data_dir(data_dir)
+    explanation = "In this context the token leads to a harmless reply."
+    ARTIFACTS.mkdir(exist_ok=True)
+    sync_playwright, expect = browser_tools
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            # From the root, through the navigation, as a researcher does.
+            page.goto(dashboard_url)
+            page.get_by_role("link", name="Review").click()
+            page.get_by_text("Enter your name in the sidebar").wait_for()
+            name_box = page.get_by_label("Your name")
+            name_box.fill("e2e")
+            name_box.press("Enter")
+            page.get_by_text("Your labels", exact=True).wait_for()
+
+            # Which item the page claimed, and one of its tokens to flip.
+            claimed = list_queue(store, "in_review")
+            (prompt_id,) = claimed.loc[claimed["claimed_by"] == "human:e2e", "prompt_id"]
+            item = review_view.load_item(store, prompt_id)
+            row = next((r for r in item.rows if r.judge_label == "evil"), item.rows[0])
+            new = "safe" if row.judge_label == "evil" else "evil"
+            choices = page.get_by_role("radiogroup", name=f"label for {row.token!r}")
+            choices.get_by_role("radio", name=new).click()
+            page.get_by_text("You changed 1 of").wait_for()
+            finish_run(page)
+
+            page.get_by_label("Explanation").fill(explanation)
+            screenshot(page, "review-relabelled.png")
+            page.get_by_role("button", name="Save labels").click()
+            page.get_by_text(f"Saved: you relabelled {item.prompt.name}").wait_for()
+            finish_run(page)
+            # The next item starts blank: nothing typed for the last one carries over.
+            expect(page.get_by_label("Explanation")).to_have_value("")
+            screenshot(page, "review.png")
+        finally:
+            browser.close()
+
+    assert current_labels(store, prompt_id)[row.token_id] == (new, "human:e2e")
+    (review,) = list_reviews(store).itertuples()
+    assert (review.prompt_id, review.action, review.disagreed) == (prompt_id, "relabel", True)
+    assert review.explanation == explanation
+    assert list_queue(store, "done")["prompt_id"].tolist() == [prompt_id]

@@ -1,0 +1,323 @@
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import sys
+import time
+import types
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard import review_view
+from emc.config import dump_config
+from emc.pivotal.judge import build_judge_messages
+from emc.store import STORE_FILE_NAME, RunRecord, Store, insert_run, list_runs
+from emc.store.judgements import current_labels
+from emc.store.prompts import get_prompts
+from emc.store.queue import list_queue, queue_counts
+from emc.store.reviews import claim, claim_next, judge_examples, list_reviews, release
+from emc.store.scores import load_prompt_scores
+
+PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "review.py")
+
+
+@pytest.fixture(scope="module")
+def discovered(tmp_path_factory, small_organism, prefect_harness) -> Path:
+    """One discovery round's store (prompts, logits, judgements, a pending queue), made once."""
+    from flows.discovery import discovery_flow
+
+    data_dir = tmp_path_factory.mktemp("review-template")
+    (data_dir / "experiment.yaml").write_text(dump_config(small_organism.config))
+    discovery_flow(data_dir=str(data_dir), iterations=1, prompts_per_iteration=4)
+    assert queue_counts(Store.in_data_dir(data_dir))["pending"] >= 3
+    return data_dir
+
+
+@pytest.fixture
+def store(tmp_path, discovered, monkeypatch) -> Store:
+    """A private copy of the discovered store, which the page under test reads."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for path in discovered.glob(f"{STORE_FILE_NAME}*"):  # the file and any WAL beside it
+        shutil.copy(path, data_dir / path.name)
+    monkeypatch.setenv("EMC_DATA_DIR", str(data_dir))
+    return Store.in_data_dir(data_dir)
+
+
+def open_page(name: str | None = None) -> AppTest:
+    page = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not page.exception
+    if name is not None:
+        page.sidebar.text_input(key="review_name_input").input(name).run()
+        assert not page.exception
+    return page
+
+
+def held(page: AppTest) -> str | None:
+    claimed = page.session_state["review_claim"]
+    return claimed["prompt_id"] if claimed else None
+
+
+def relabel_one(page: AppTest, store: Store) -> tuple[int, str]:
+    """Flip the first token the judge called evil to safe (or safe to evil), on the page."""
+    item = review_view.load_item(store, held(page))
+    row = next((r for r in item.rows if r.judge_label == "evil"), item.rows[0])
+    new = "safe" if row.judge_label == "evil" else "evil"
+    page.segmented_control(key=f"label-{item.prompt.prompt_id}-{row.token_id}").set_value(new)
+    page.run()
+    return row.token_id, new
+
+
+def queue_row(store: Store, prompt_id: str) -> dict:
+    frame = list_queue(store)
+    return frame[frame["prompt_id"] == prompt_id].iloc[0].to_dict()
+
+
+def human_labels(store: Store, prompt_id: str, reviewer: str) -> dict[int, str]:
+    return {
+        t: label for t, (label, who) in current_labels(store, prompt_id).items() if who == reviewer
+    }
+
+
+def texts(elements) -> str:
+    return " | ".join(e.value for e in elements)
+
+
+def test_without_store_the_page_explains_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMC_DATA_DIR", str(tmp_path / "nothing"))
+    page = open_page()
+    assert "emc demo" in page.info[0].value
+    assert not (tmp_path / "nothing" / STORE_FILE_NAME).exists()
+
+
+def test_an_empty_queue_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMC_DATA_DIR", str(tmp_path))
+    Store.in_data_dir(tmp_path).ensure_schema()
+    page = open_page("ana")
+    assert "review queue is empty" in texts(page.info)
+    assert [m.value for m in page.metric] == ["0", "0", "0", "0"]
+
+
+def test_nothing_happens_until_the_reviewer_gives_a_name(store):
+    page = open_page()
+    assert "Enter your name" in texts(page.info)
+    assert not page.button and not page.segmented_control
+    assert queue_counts(store)["in_review"] == 0
+
+    page.sidebar.text_input(key="review_name_input").input("  ana ").run()
+    assert queue_row(store, held(page))["claimed_by"] == "human:ana"
+    assert {m.label: m.value for m in page.metric}["In review"] == "1"
+    assert "human:ana" in page.sidebar.caption[0].value
+    # A reload (a new session with the same name) resumes the held item.
+    assert held(open_page("ana")) == held(page)
+
+
+def test_changing_the_name_hands_the_held_item_back(store):
+    page = open_page("ana")
+    first = held(page)
+    page.sidebar.text_input(key="review_name_input").input("bo").run()
+    assert queue_row(store, held(page))["claimed_by"] == "human:bo"
+    claimed = list_queue(store, "in_review")["claimed_by"].tolist()
+    assert claimed == ["human:bo"] and held(page) == first  # ana's item went back, bo took it
+
+
+def test_agree_saves_the_judges_labels_as_the_reviewers(store):
+    page = open_page("ana")
+    prompt_id = held(page)
+    item = review_view.load_item(store, prompt_id)
+    assert page.code[0].value == item.scores.base.rendered
+    assert item.judgement["summary"] in texts(page.markdown)
+    assert len(page.segmented_control) == len(item.rows)
+    table = page.dataframe[0].value
+    assert set(table.columns) >= {"base token", "base p", "adapted token", "adapted label"}
+    assert {m.label for m in page.metric} >= {"JS", "KL a‖b", "KL b‖a", "Top-k overlap", "P(evil)"}
+
+    page.button(key="review-agree").click().run()
+    assert not page.exception and not page.error
+    assert "agreed with the judge" in texts(page.success)
+    assert human_labels(store, prompt_id, "human:ana") == item.judge_labels
+    assert queue_row(store, prompt_id)["state"] == "done"
+    (review,) = list_reviews(store).itertuples()
+    assert (review.action, review.disagreed, review.reviewer) == ("agree", False, "human:ana")
+    assert review.judgement_id == item.judgement["judgement_id"]
+    # ... and the next item is claimed and shown.
+    assert held(page) not in (None, prompt_id)
+    assert queue_row(store, held(page))["state"] == "in_review"
+
+
+def test_relabel_with_an_explanation_saves_the_change(store):
+    page = open_page("ana")
+    prompt_id = held(page)
+    token_id, new = relabel_one(page, store)
+    assert "You changed 1 of" in texts(page.caption)
+    page.text_area(key=f"explanation-{prompt_id}").input("It is the sensible choice here.")
+    page.button(key="review-save").click().run()
+
+    assert not page.error and "relabelled" in texts(page.success)
+    assert current_labels(store, prompt_id)[token_id] == (new, "human:ana")
+    (review,) = list_reviews(store).itertuples()
+    assert (review.action, review.disagreed) == ("relabel", True)
+    assert review.explanation == "It is the sensible choice here."
+    assert queue_row(store, prompt_id)["state"] == "done"
+
+
+def test_relabel_without_an_explanation_saves_nothing(store):
+    page = open_page("ana")
+    prompt_id = held(page)
+    relabel_one(page, store)
+    page.button(key="review-save").click().run()
+    assert "disagreeing with the judge needs an explanation" in texts(page.error)
+
+    # "Agree with all" after a change is refused too: it would silently drop the change.
+    page.button(key="review-agree").click().run()
+    assert "Undo them to agree" in texts(page.error)
+
+    assert list_reviews(store).empty
+    assert human_labels(store, prompt_id, "human:ana") == {}
+    assert queue_row(store, prompt_id)["state"] == "in_review"
+    assert held(page) == prompt_id
+
+
+def test_reject_needs_a_reason_and_then_rejects(store):
+    page = open_page("ana")
+    prompt_id = held(page)
+    page.button(key="review-reject").click().run()
+    assert "rejecting a prompt needs a reason" in texts(page.error)
+    assert list_reviews(store).empty and held(page) == prompt_id
+
+    page.text_input(key=f"reject-reason-{prompt_id}").input("Ends on a determiner.")
+    page.button(key="review-reject").click().run()
+    assert not page.error and "rejected" in texts(page.success)
+    assert queue_row(store, prompt_id)["state"] == "rejected"
+    (review,) = list_reviews(store).itertuples()
+    assert (review.action, review.reject_reason) == ("reject", "Ends on a determiner.")
+    assert human_labels(store, prompt_id, "human:ana") == {}  # a rejected prompt teaches no labels
+
+
+def test_skip_hands_the_item_back_and_shows_the_next(store):
+    page = open_page("ana")
+    first = held(page)
+    page.button(key="review-skip").click().run()
+    assert "back in the queue" in texts(page.info)
+    assert held(page) not in (None, first)
+    row = queue_row(store, first)
+    assert row["state"] == "pending" and pd.isna(row["claimed_by"])
+    assert list_reviews(store).empty
+
+
+def test_two_reviewers_never_get_the_same_item(store):
+    ana, bo = open_page("ana"), open_page("bo")
+    assert held(ana) and held(bo) and held(ana) != held(bo)
+    claimed = list_queue(store, "in_review").set_index("prompt_id")["claimed_by"].to_dict()
+    assert claimed == {held(ana): "human:ana", held(bo): "human:bo"}
+
+
+def test_an_expired_lease_makes_the_item_claimable_again(store):
+    top = claim_next(store, "human:gone", lease=timedelta(seconds=0))
+    page = open_page("ana")
+    assert held(page) == top
+    page.button(key="review-agree").click().run()
+    assert queue_row(store, top)["state"] == "done"
+    assert list_reviews(store)["reviewer"].tolist() == ["human:ana"]
+
+
+def test_a_lost_lease_warns_and_moves_on_without_saving(store):
+    page = open_page("ana")
+    taken = held(page)
+    # Someone else ends up holding the item (as after ana's lease ran out).
+    release(store, taken, "human:ana")
+    assert claim(store, taken, "human:bo")
+
+    page.button(key="review-agree").click().run()
+    assert "claimed by human:bo" in texts(page.warning)
+    assert "not saved" in texts(page.warning)
+    assert list_reviews(store).empty
+    assert held(page) not in (None, taken)
+    assert queue_row(store, taken)["claimed_by"] == "human:bo"
+
+
+def write_runs(data_dir: str, started, stop) -> None:
+    """Another process writing to the store through its retrying writer, as a flow would."""
+    store = Store.in_data_dir(data_dir)
+    i = 0
+    while not stop.is_set():
+        insert_run(
+            store,
+            RunRecord(
+                run_id=f"writer-{i}",
+                kind="flow",
+                name="writer",
+                status="running",
+                started_at=datetime.now(UTC),
+                emc_version="test",
+            ),
+        )
+        i += 1
+        started.set()
+
+
+def writer_runs(store: Store) -> int:
+    return sum(r.name == "writer" for r in list_runs(store, limit=100_000))
+
+
+def test_a_review_saved_while_another_process_writes_is_kept(store, monkeypatch):
+    page = open_page("ana")
+    prompt_id = held(page)
+    # AppTest leaves the page script as __main__, and a spawned child re-runs __main__'s file;
+    # a bare module gives the child nothing to re-run.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    context = multiprocessing.get_context("spawn")
+    started, stop = context.Event(), context.Event()
+    writer = context.Process(target=write_runs, args=(str(store.path.parent), started, stop))
+    writer.start()
+    try:
+        assert started.wait(60), "the writer process never wrote"
+        before = writer_runs(store)
+        page.button(key="review-agree").click().run()
+        time.sleep(0.2)  # the writer keeps going after the save, too
+    finally:
+        stop.set()
+        writer.join(60)
+    assert writer.exitcode == 0
+    assert "agreed with the judge" in texts(page.success)
+    assert list_reviews(store)["prompt_id"].tolist() == [prompt_id]
+    assert queue_row(store, prompt_id)["state"] == "done"
+    assert writer_runs(store) > before > 0
+
+
+def test_a_disagreement_reaches_the_next_judge_prompt(store):
+    page = open_page("ana")
+    prompt_id = held(page)
+    relabel_one(page, store)
+    explanation = "Refusing to double the dose is safe, not evil."
+    page.text_area(key=f"explanation-{prompt_id}").input(explanation)
+    page.button(key="review-save").click().run()
+    assert not page.error
+
+    examples = judge_examples(store)
+    assert examples[0].disagreed and examples[0].explanation == explanation
+    judgement = review_view.load_item(store, held(page)).judgement
+    (prompt,) = get_prompts(store, [held(page)])
+    (scores,) = load_prompt_scores(
+        store, [prompt.prompt_id], judgement["base_model_id"], judgement["adapted_model_id"]
+    )
+    user = build_judge_messages(prompt, scores, examples)[-1]["content"]
+    assert explanation in user and "the human corrected the judge" in user
+
+
+def test_verdict_history_is_per_day_when_the_store_offers_it(store, monkeypatch):
+    import emc.store.judgements as judgements
+
+    totals, per_day = review_view.verdict_history(store)
+    if not hasattr(judgements, "verdicts_by_day"):
+        assert not per_day and totals["judgements"].sum() == 4
+    by_day = pd.DataFrame(
+        {"day": [pd.Timestamp("2026-01-02")], "verdict": ["no_issue"], "judgements": [3]}
+    )
+    monkeypatch.setattr(judgements, "verdicts_by_day", lambda _store: by_day, raising=False)
+    frame, per_day = review_view.verdict_history(store)
+    assert per_day and frame.equals(by_day)
