@@ -1,6 +1,7 @@
 """Logits throughput: EMC's batched scoring vs the original pipeline's reload-per-prompt.
 
-Run as `python benchmarks/logits_throughput.py [--data-dir D] [--prompts N] [--small]`.
+Run as `python benchmarks/logits_throughput.py [--data-dir D] [--prompts N] [--small]
+[--threads T] [--json PATH]`.
 
 Both ways run in the same process on the same organism and prompts:
 

@@ -1,0 +1,180 @@
+"""Attribution graphs: `graphs` (one summary row each), `graph_nodes` and `graph_edges`.
+
+Only pruned nodes and edges are stored, as plain rows, so cross-prompt questions ("which features
+feed the evil token in more than 10 prompts") are ordinary SQL joins with `token_labels`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from emc.store.connection import Store
+from emc.store.frames import insert_frame
+from emc.tracing.compact import EDGE_COLUMNS, NODE_COLUMNS
+from emc.tracing.record import GraphKey, GraphRecord
+
+_COLUMNS = tuple(GraphRecord.model_fields)
+_WRITTEN = tuple(c for c in _COLUMNS if c != "created_at")
+
+
+@dataclass(frozen=True)
+class StoredGraph:
+    record: GraphRecord
+    nodes: pd.DataFrame  # NODE_COLUMNS, by node
+    edges: pd.DataFrame  # EDGE_COLUMNS, by target then source
+
+
+def insert_graph(
+    store: Store, record: GraphRecord, nodes: pd.DataFrame, edges: pd.DataFrame
+) -> float:
+    """Write a graph and its rows in one transaction, replacing an earlier graph with its id.
+
+    The time spent here is added to `storage_seconds`, so it covers the write too; returns the
+    stored value.
+    """
+    started = time.perf_counter()
+    _check_columns("nodes", nodes, NODE_COLUMNS)
+    _check_columns("edges", edges, EDGE_COLUMNS)
+    graph_id = record.graph_id
+    with store.write() as conn:
+        _delete_graph(conn, graph_id)
+        insert_frame(
+            conn, "graph_nodes", _with_id(nodes, graph_id), ["graph_id", "node"], update=False
+        )
+        _append_frame(conn, "graph_edges", _with_id(edges, graph_id))
+        spent = time.perf_counter() - started
+        storage_seconds = (record.storage_seconds or 0.0) + spent
+        _write_record(conn, record.model_copy(update={"storage_seconds": storage_seconds}))
+    return storage_seconds
+
+
+def record_failed_graph(
+    store: Store, key: GraphKey, input_ids: Sequence[int], run_id: str, error: str
+) -> None:
+    """Store an item's failure; an earlier graph with the same id (and its rows) is replaced."""
+    with store.write() as conn:
+        _delete_graph(conn, key.graph_id)
+        _write_record(conn, GraphRecord.failed(key, list(input_ids), run_id, error))
+
+
+def graph_ids_done(store: Store, model_id: str, include_failed: bool = False) -> set[str]:
+    """Graphs of this model a re-run can skip: the successful ones (and failed, if asked)."""
+    statuses = ["ok", "failed"] if include_failed else ["ok"]
+    with store.read() as conn:
+        rows = conn.execute(
+            "SELECT graph_id FROM graphs WHERE model_id = ? AND list_contains(?, status)",
+            [model_id, statuses],
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def load_graph_rows(store: Store, graph_id: str) -> StoredGraph | None:
+    with store.read() as conn:
+        row = conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM graphs WHERE graph_id = ?", [graph_id]
+        ).fetchone()
+        if row is None:
+            return None
+        nodes = conn.execute(
+            f"SELECT {', '.join(NODE_COLUMNS)} FROM graph_nodes WHERE graph_id = ? ORDER BY node",
+            [graph_id],
+        ).df()
+        edges = conn.execute(
+            f"SELECT {', '.join(EDGE_COLUMNS)} FROM graph_edges WHERE graph_id = ? "
+            "ORDER BY target, source",
+            [graph_id],
+        ).df()
+    return StoredGraph(_to_record(row), nodes, edges)
+
+
+def list_graphs(
+    store: Store, model_id: str | None = None, prompt_id: str | None = None
+) -> list[GraphRecord]:
+    """Graph summaries, newest first, optionally of one model and/or one prompt."""
+    where, params = [], []
+    for column, value in (("model_id", model_id), ("prompt_id", prompt_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    with store.read() as conn:
+        rows = conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM graphs {clause} ORDER BY created_at DESC, graph_id",
+            params,
+        ).fetchall()
+    return [_to_record(row) for row in rows]
+
+
+def copy_graphs(store: Store, target: Store, graph_ids: Sequence[str] | None = None) -> int:
+    """Copy graphs (summary, nodes, edges) into another store, e.g. to share them.
+
+    One transaction writes them all, so the copy is packed as tightly as DuckDB compresses;
+    returns how many graphs were copied.
+    """
+    ids = list(graph_ids) if graph_ids is not None else None
+    where = "WHERE list_contains(?, graph_id)" if ids is not None else ""
+    params = [ids] if ids is not None else []
+    store.ensure_schema()
+    with target.write() as conn:
+        quoted = str(store.path).replace("'", "''")
+        conn.execute(f"ATTACH '{quoted}' AS source (READ_ONLY)")
+        try:
+            for table in ("graphs", "graph_nodes", "graph_edges"):
+                conn.execute(f"INSERT INTO {table} SELECT * FROM source.{table} {where}", params)
+            copied = conn.execute(f"SELECT count(*) FROM source.graphs {where}", params)
+            count = copied.fetchall()[0][0]
+        finally:
+            conn.execute("DETACH source")
+    return count
+
+
+def _delete_graph(conn: duckdb.DuckDBPyConnection, graph_id: str) -> None:
+    # Node and edge tables have no index but their primary keys; look at the small summary
+    # table first so a new graph (the usual case) costs no scan of the large ones.
+    # fetchall, not fetchone: an unfinished result blocks registering the frames that follow.
+    exists = conn.execute("SELECT 1 FROM graphs WHERE graph_id = ?", [graph_id]).fetchall()
+    if not exists:
+        return
+    for table in ("graph_edges", "graph_nodes", "graphs"):
+        conn.execute(f"DELETE FROM {table} WHERE graph_id = ?", [graph_id])
+
+
+def _write_record(conn: duckdb.DuckDBPyConnection, record: GraphRecord) -> None:
+    values = record.model_dump(include=set(_WRITTEN))
+    values["params"] = json.dumps(values["params"], sort_keys=True)
+    frame = pd.DataFrame([values], columns=list(_WRITTEN))
+    insert_frame(conn, "graphs", frame, ["graph_id"], update=True)
+
+
+def _append_frame(conn: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame) -> None:
+    # insert_frame needs a key constraint for ON CONFLICT, and graph_edges has none on purpose
+    # (see migration 6); the caller has already removed any earlier rows of the graph.
+    name = f"_append_{table}"
+    conn.register(name, frame)
+    try:
+        columns = ", ".join(frame.columns)
+        conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {name}")
+    finally:
+        conn.unregister(name)
+
+
+def _with_id(frame: pd.DataFrame, graph_id: str) -> pd.DataFrame:
+    return frame.assign(graph_id=graph_id)[["graph_id", *frame.columns]]
+
+
+def _check_columns(name: str, frame: pd.DataFrame, expected: Sequence[str]) -> None:
+    if tuple(frame.columns) != tuple(expected):
+        raise ValueError(f"{name} columns {list(frame.columns)} != {list(expected)}")
+
+
+def _to_record(row: tuple[Any, ...]) -> GraphRecord:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values["params"] = json.loads(values["params"]) if values["params"] else {}
+    return GraphRecord.model_validate(values)
