@@ -20,23 +20,8 @@ from emc.pivotal.logits import NextTokens, TokenScore
 from emc.pivotal.review import Review
 from emc.store.connection import Store
 from emc.store.frames import insert_frame
+from emc.store.judgements import JUDGEMENT_COLUMNS
 from emc.store.queue import QueueItem
-
-_JUDGEMENT_COLUMNS = (
-    "judgement_id",
-    "prompt_id",
-    "base_model_id",
-    "adapted_model_id",
-    "judge_model",
-    "status",
-    "verdict",
-    "outcome",
-    "summary",
-    "reason",
-    "raw_response",
-    "llm_call_id",
-    "error",
-)
 
 
 class LabelRow(BaseModel):
@@ -78,13 +63,13 @@ def import_judgements(
     rows = pd.DataFrame(
         [
             {
-                **j.model_dump(include=set(_JUDGEMENT_COLUMNS)),
+                **j.model_dump(include=set(JUDGEMENT_COLUMNS)),
                 "run_id": run_id,
                 "created_at": _time(created),
             }
             for j, created in judgements
         ],
-        columns=[*_JUDGEMENT_COLUMNS, "run_id", "created_at"],
+        columns=[*JUDGEMENT_COLUMNS, "run_id", "created_at"],
     )
     with store.write() as conn:
         return insert_frame(conn, "judgements", rows, ["judgement_id"], update=False)

@@ -12,7 +12,7 @@ from emc.store.connection import Store
 from emc.store.frames import insert_frame
 from emc.store.llm_calls import write_llm_calls
 
-_JUDGEMENT_COLUMNS = (
+JUDGEMENT_COLUMNS = (
     "judgement_id",
     "prompt_id",
     "base_model_id",
@@ -35,8 +35,8 @@ FINAL_STATUSES = ("ok", "label_mismatch", "skipped", "json_error", "schema_error
 def insert_judgements(store: Store, judgements: Sequence[Judgement], run_id: str) -> None:
     """Judgements, their token labels and their LLM calls, in one transaction."""
     rows = pd.DataFrame(
-        [{**j.model_dump(include=set(_JUDGEMENT_COLUMNS)), "run_id": run_id} for j in judgements],
-        columns=[*_JUDGEMENT_COLUMNS, "run_id"],
+        [{**j.model_dump(include=set(JUDGEMENT_COLUMNS)), "run_id": run_id} for j in judgements],
+        columns=[*JUDGEMENT_COLUMNS, "run_id"],
     )
     labels = pd.DataFrame(
         [
@@ -100,12 +100,12 @@ def latest_judgement(store: Store, prompt_id: str) -> dict | None:
     """The newest judgement of a prompt, as a column -> value mapping."""
     with store.read() as conn:
         cursor = conn.execute(
-            f"SELECT {', '.join(_JUDGEMENT_COLUMNS)}, created_at FROM judgements "
+            f"SELECT {', '.join(JUDGEMENT_COLUMNS)}, created_at FROM judgements "
             "WHERE prompt_id = ? ORDER BY created_at DESC LIMIT 1",
             [prompt_id],
         )
         row = cursor.fetchone()
-    return dict(zip((*_JUDGEMENT_COLUMNS, "created_at"), row, strict=True)) if row else None
+    return dict(zip((*JUDGEMENT_COLUMNS, "created_at"), row, strict=True)) if row else None
 
 
 def current_labels(store: Store, prompt_id: str) -> dict[int, tuple[str, str]]:
