@@ -8,7 +8,6 @@ rows were new.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
@@ -22,6 +21,7 @@ from emc.store.connection import Store
 from emc.store.frames import insert_frame
 from emc.store.judgements import JUDGEMENT_COLUMNS
 from emc.store.queue import QueueItem
+from emc.store.reviews import review_row
 
 
 class LabelRow(BaseModel):
@@ -106,25 +106,7 @@ def import_reviews(
 
     Like a review saved in the dashboard, a rejection stores no labels.
     """
-    rows = pd.DataFrame(
-        [
-            {
-                "review_id": r.review_id,
-                "prompt_id": r.prompt_id,
-                "reviewer": r.reviewer,
-                "action": r.action,
-                "judgement_id": r.judgement_id,
-                "disagreed": r.disagreed,
-                "explanation": r.explanation or None,
-                "reject_reason": r.reject_reason or None,
-                "labels": json.dumps({str(k): v for k, v in r.labels.items()}),
-                "source": r.source,
-                "run_id": run_id,
-                "created_at": r.created_at,
-            }
-            for r, _ in reviews
-        ]
-    )
+    rows = pd.DataFrame([review_row(r, run_id) for r, _ in reviews])
     labels = [
         LabelRow(
             prompt_id=r.prompt_id,

@@ -198,25 +198,26 @@ def _take(conn, prompt_id: str, reviewer: str, expires: datetime) -> None:
     )
 
 
+def review_row(review: Review, run_id: str | None) -> dict:
+    """A review as one `reviews` row (shared with the importer)."""
+    return {
+        "review_id": review.review_id,
+        "prompt_id": review.prompt_id,
+        "reviewer": review.reviewer,
+        "action": review.action,
+        "judgement_id": review.judgement_id,
+        "disagreed": review.disagreed,
+        "explanation": review.explanation or None,
+        "reject_reason": review.reject_reason or None,
+        "labels": json.dumps({str(k): v for k, v in review.labels.items()}),
+        "source": review.source,
+        "run_id": run_id,
+        "created_at": review.created_at,
+    }
+
+
 def _write_review(conn, review: Review, tokens: dict[int, str], run_id: str | None) -> None:
-    row = pd.DataFrame(
-        [
-            {
-                "review_id": review.review_id,
-                "prompt_id": review.prompt_id,
-                "reviewer": review.reviewer,
-                "action": review.action,
-                "judgement_id": review.judgement_id,
-                "disagreed": review.disagreed,
-                "explanation": review.explanation or None,
-                "reject_reason": review.reject_reason or None,
-                "labels": json.dumps({str(k): v for k, v in review.labels.items()}),
-                "source": review.source,
-                "run_id": run_id,
-                "created_at": review.created_at,
-            }
-        ]
-    )
+    row = pd.DataFrame([review_row(review, run_id)])
     insert_frame(conn, "reviews", row, ["review_id"], update=False)
     if review.action == "reject":
         return
