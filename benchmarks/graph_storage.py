@@ -41,6 +41,7 @@ from pydantic import BaseModel, computed_field
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from emc.config import ExperimentConfig, TracingConfig, parse_config
+from emc.console import plain_table
 from emc.models import load_replacement_model
 from emc.organism import Lexicon, OrganismRecipe
 from emc.organism.experiment import prepare_organism
@@ -346,7 +347,7 @@ def format_result(result: StorageResult) -> str:
             for c in result.cases
         ),
     ]
-    lines = [*_table(sizes), "", *_table(bytes_), "", *_table(times)]
+    lines = [*plain_table(sizes), "", *plain_table(bytes_), "", *plain_table(times)]
     lines.append("targets: stored <= 1% of raw; storage time < 10% of attribute()")
     lines += [
         f"{c.case}: {c.missing_rows} kept nodes/edges missing from the store"
@@ -354,17 +355,6 @@ def format_result(result: StorageResult) -> str:
         if c.missing_rows
     ]
     return "\n".join(lines)
-
-
-def _table(rows: list[tuple]) -> list[str]:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(
-            str(v).ljust(w) if i == 0 else str(v).rjust(w)
-            for i, (v, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:

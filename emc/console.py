@@ -77,3 +77,15 @@ def phase_progress() -> Iterator[Callable[[str, int, int], None]]:
 
     with progress:
         yield update
+
+
+def plain_table(rows: list[tuple]) -> list[str]:
+    """Rows as aligned plain-text lines (first column left, the rest right): for logs and files."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            str(v).ljust(w) if i == 0 else str(v).rjust(w)
+            for i, (v, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]

@@ -21,9 +21,13 @@ def configure_prefect(data_dir: Path) -> None:
     Explicit settings in the environment (a server URL, another home) win.
     """
     os.environ.setdefault("PREFECT_HOME", str(Path(data_dir) / "prefect"))
+    # Prefect cannot start its API (SQLite) in a home it failed to create.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The ephemeral API server gets 20 s to start; on two busy cores it sometimes needs more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 _ensured: set[str] = set()

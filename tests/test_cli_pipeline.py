@@ -83,7 +83,7 @@ def test_demo_runs_end_to_end_on_the_small_recipe(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     result = subprocess.run(
         [sys.executable, "-m", "emc", "demo", "--small", "--iterations", "1",
-         "--per-iteration", "2", "-d", str(tmp_path / "demo")],
+         "--per-iteration", "2", "--graphs", "1", "-d", str(tmp_path / "demo")],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     output = result.stdout
@@ -92,4 +92,7 @@ def test_demo_runs_end_to_end_on_the_small_recipe(tmp_path):
     assert (tmp_path / "demo" / "prefect").is_dir()
     store = Store.in_data_dir(tmp_path / "demo")
     names = set(read_only_query(store, "SELECT name FROM runs")["name"])
-    assert names == {"organism-build", "model-check", "discovery"}
+    assert names == {"organism-build", "model-check", "discovery", "tracing"}
+    graphs = read_only_query(store, "SELECT prompt_id, status FROM graphs")
+    assert len(graphs) == 2 and set(graphs["status"]) == {"ok"}
+    assert graphs["prompt_id"].nunique() == 1 and "emc graph export" in output

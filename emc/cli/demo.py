@@ -21,9 +21,13 @@ def demo(
     small: Annotated[
         bool, typer.Option(help="The organism's seconds-long test recipe (no misalignment).")
     ] = False,
+    graphs: Annotated[
+        int, typer.Option(help="Trace this many flagged prompts (base and adapted graphs each).")
+    ] = 6,
 ) -> None:
     """Run the whole pipeline on the organism: build it (or reuse it), check the models,
-    discover pivotal prompts, and fill the review queue. Offline, CPU, a few minutes.
+    discover pivotal prompts, fill the review queue, and trace attribution graphs of the most
+    urgent flagged prompts. Offline, CPU, a few minutes.
 
     Ends by printing where the store is, a summary, and what to open next.
     """
@@ -31,7 +35,7 @@ def demo(
 
     started = time.perf_counter()
     resolved = resolve_data_dir(data_dir)
-    console.rule("1/3  model organism")
+    console.rule("1/4  model organism")
     prepared = build_and_record(resolved, variant, small=small)
     headline = prepared.report.headline()
     console.print(
@@ -49,21 +53,27 @@ def demo(
     prepare_flows(resolved)
     from flows.discovery import discovery_flow
     from flows.model_check import model_check_flow
+    from flows.tracing import tracing_flow
 
-    console.rule("2/3  model check (base and adapted replacement models)")
+    console.rule("2/4  model check (base and adapted replacement models)")
     check = model_check_flow(config_path=config_path, data_dir=str(resolved))
     console.print(check)
-    console.rule("3/3  discovery (generate -> logits -> judge -> review queue)")
+    console.rule("3/4  discovery (generate -> logits -> judge -> review queue)")
     summary = discovery_flow(
         config_path=config_path,
         data_dir=str(resolved),
         iterations=iterations,
         prompts_per_iteration=per_iteration,
     )
-    _print_summary(resolved, summary, time.perf_counter() - started)
+    console.rule("4/4  tracing (attribution graphs of base and adapted, flagged prompts)")
+    # Nobody has reviewed anything yet, so the demo traces what the judge flagged.
+    traced = tracing_flow(
+        config_path=config_path, data_dir=str(resolved), select="flagged", limit=graphs
+    )
+    _print_summary(resolved, summary, traced, time.perf_counter() - started)
 
 
-def _print_summary(data_dir, summary: dict, seconds: float) -> None:
+def _print_summary(data_dir, summary: dict, traced: dict, seconds: float) -> None:
     from emc.store import Store, read_only_query
     from emc.store.scores import most_divergent
 
@@ -74,15 +84,25 @@ def _print_summary(data_dir, summary: dict, seconds: float) -> None:
         "SELECT 'prompts' AS what, count(*) AS n FROM prompts UNION ALL "
         "SELECT 'judgements', count(*) FROM judgements UNION ALL "
         "SELECT 'flagged for review', count(*) FROM review_queue UNION ALL "
+        "SELECT 'graphs', count(*) FROM graphs WHERE status = 'ok' UNION ALL "
+        "SELECT 'graph nodes', count(*) FROM graph_nodes UNION ALL "
         "SELECT 'runs', count(*) FROM runs",
     )
     print_frame(tables, title="store")
     print_frame(most_divergent(store, "js", 5), title="most divergent prompts")
     console.print(f"verdicts: {summary['verdicts']}")
+    if traced["mean_replacement"] is not None:
+        console.print(
+            f"graphs: {traced['graphs_ok']} ok, {traced['graphs_failed']} failed, mean "
+            f"replacement score {traced['mean_replacement']:.3f}"
+        )
     console.print(f"\nstore: {store.path}   ({seconds:.0f} s)")
     console.print("next:")
     console.print(f'  emc sql "SELECT * FROM divergences ORDER BY js DESC" -d {data_dir}')
-    console.print(f"  emc dashboard -d {data_dir}")
+    console.print(f"  emc dashboard -d {data_dir}   # Review and Graphs pages")
+    if traced["prompt_ids"]:
+        console.print(f"  emc graph export {traced['prompt_ids'][0]} -d {data_dir} && "
+                      f"emc graph serve -d {data_dir}")  # fmt: skip
     console.print(
         f"  PREFECT_HOME={data_dir / 'prefect'} prefect server start   # the Prefect UI on :4200"
     )

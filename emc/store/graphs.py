@@ -112,6 +112,23 @@ def list_graphs(
     return [_to_record(row) for row in rows]
 
 
+def graphs_overview(store: Store, prompt_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """One line per graph for people: prompt, model role, status, scores, sizes, flags."""
+    where = "WHERE list_contains(?, g.prompt_id)" if prompt_ids is not None else ""
+    params = [list(prompt_ids)] if prompt_ids is not None else []
+    with store.read() as conn:
+        return conn.execute(
+            "SELECT g.prompt_id, coalesce(m.role, '?') AS model, g.targets, g.status, "
+            "round(g.replacement, 3) AS replacement, round(g.completeness, 3) AS completeness, "
+            "round(g.error_score_ratio, 3) AS error_share, g.kept_features AS features, "
+            "g.kept_edges AS edges, g.logit_mismatch_exceeds AS logit_mismatch, "
+            "round(g.seconds, 2) AS seconds, g.error "
+            f"FROM graphs g LEFT JOIN models m USING (model_id) {where} "
+            "ORDER BY g.prompt_id, m.role DESC, g.targets",
+            params,
+        ).df()
+
+
 def copy_graphs(store: Store, target: Store, graph_ids: Sequence[str] | None = None) -> int:
     """Copy graphs (summary, nodes, edges) into another store, e.g. to share them.
 

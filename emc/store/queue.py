@@ -70,3 +70,15 @@ def list_queue(store: Store, state: str | None = None) -> pd.DataFrame:
             f"ORDER BY priority DESC, prompt_id",
             params,
         ).df()
+
+
+def queued_prompt_ids(store: Store, reviewed_only: bool) -> list[str]:
+    """Prompts worth tracing, highest priority first: reviewed (done), or all but rejected."""
+    states = ["done"] if reviewed_only else ["pending", "in_review", "done"]
+    with store.read() as conn:
+        rows = conn.execute(
+            "SELECT prompt_id FROM review_queue WHERE list_contains(?, state) "
+            "ORDER BY priority DESC, prompt_id",
+            [states],
+        ).fetchall()
+    return [r[0] for r in rows]

@@ -13,6 +13,7 @@ from emc.tracing.attribution import (
     release_memory,
     targets_for,
     trace,
+    with_memory_fallback,
 )
 from emc.tracing.compact import (
     EDGE_COLUMNS,
@@ -82,5 +83,6 @@ __all__ = [
     "targets_for",
     "trace",
     "trace_prompt",
+    "with_memory_fallback",
     "write_side_file",
 ]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import NamedTuple, NoReturn
+from collections.abc import Callable
+from typing import NamedTuple, NoReturn, TypeVar
 
 import torch
 from circuit_tracer import attribute
@@ -103,6 +104,31 @@ def memory_fallback(config: TracingConfig) -> TracingConfig | None:
     if config.offload is None:
         return config.model_copy(update={"offload": "cpu"})
     return None
+
+
+T = TypeVar("T")
+
+
+def with_memory_fallback(
+    attempt: Callable[[TracingConfig], T], config: TracingConfig
+) -> tuple[T, TracingConfig]:
+    """Run `attempt(config)`; on out-of-memory free memory and retry with `memory_fallback`.
+
+    Returns the result and the config that fitted; re-raises the last out-of-memory error when no
+    smaller setting is left.
+    """
+    while True:
+        try:
+            return attempt(config), config
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            smaller = memory_fallback(config)
+            if smaller is None:
+                raise
+        # Outside the handler: the traceback, and the tensors its frames hold, are gone by now.
+        release_memory()
+        config = smaller
 
 
 def _checked_ids(loaded: LoadedModel, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""`emc trace`: attribution graphs of base and adapted for reviewed or flagged prompts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from emc.cli.app import ConfigOption, DataDirOption, app, fail, prepare_flows
+from emc.config import ConfigError, load_experiment
+from emc.console import console, print_frame
+
+
+@app.command()
+def trace(
+    prompt_ids: Annotated[
+        list[str] | None,
+        typer.Argument(help="Prompts to trace. Default: the review queue (see --select)."),
+    ] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            help="reviewed: prompts a person reviewed (not rejected); flagged: every prompt in "
+            "the review queue but rejected ones. Default: tracing.select in the config."
+        ),
+    ] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            help="labelled: exactly the labelled tokens; contrastive: the evil-minus-safe "
+            "direction; salient: the top logits by cumulative probability. Default: "
+            "tracing.targets in the config."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Trace at most this many prompts, by review priority.")
+    ] = None,
+) -> None:
+    """Make attribution graphs for the base and the adapted model on the same token ids.
+
+    Runs the `tracing` Prefect flow: circuit-tracer attributes each prompt's next token to its
+    targets, the pruned nodes and edges go to the store's `graph_nodes` and `graph_edges`, and a
+    `graphs` row holds the quality scores. Graphs already made are skipped and failed ones are
+    tried again, so a killed run, run again, finishes the rest.
+
+    Then: `emc graph export PROMPT_ID` for circuit-tracer's viewer, or the dashboard's Graphs
+    page.
+    """
+    if select not in (None, "reviewed", "flagged"):
+        raise fail(f"unknown --select {select!r}: choose reviewed or flagged")
+    if targets not in (None, "labelled", "contrastive", "salient"):
+        raise fail(f"unknown --targets {targets!r}: choose labelled, contrastive or salient")
+    try:
+        _, resolved = load_experiment(config, data_dir)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    prepare_flows(resolved)
+    from flows.tracing import tracing_flow
+
+    try:
+        summary = tracing_flow(
+            config_path=str(config) if config else None,
+            data_dir=str(resolved),
+            select=select,
+            targets=targets,
+            limit=limit,
+            prompt_ids=prompt_ids or None,
+        )
+    except ValueError as exc:  # unknown prompt ids
+        raise fail(str(exc)) from None
+    print_summary(resolved, summary)
+
+
+def print_summary(data_dir, summary: dict) -> None:
+    from emc.store import Store
+    from emc.store.graphs import graphs_overview
+
+    if not summary["prompts"]:
+        console.print(
+            "[yellow]no prompts to trace:[/] the review queue has none in the selection. Review "
+            "some in `emc dashboard`, use --select flagged, or name prompt ids."
+        )
+        return
+    store = Store.in_data_dir(data_dir)
+    frame = graphs_overview(store, summary["prompt_ids"])
+    print_frame(frame, title=f"graphs of {summary['prompts']} prompts")
+    console.print(
+        f"made {summary['made']}, failed {summary['failed']}; all graphs of these prompts: "
+        f"{summary['graphs_ok']} ok, {summary['graphs_failed']} failed"
+    )
+    if summary["mismatches"]:
+        console.print(
+            f"[yellow]{summary['mismatches']} graph(s) disagree with discovery's logits[/] "
+            "(column logit_mismatch): the graph may not explain the labelled distribution."
+        )
+    for failure in summary["failures"]:
+        console.print(
+            f"[red]failed[/] {failure['prompt_id']} ({failure['role']}): {failure['error']}"
+        )
