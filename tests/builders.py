@@ -38,7 +38,12 @@ def build_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 
 
 def build_model_dir(
-    path: Path, n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0
+    path: Path,
+    n_layers: int = 2,
+    d_model: int = 32,
+    d_mlp: int = 64,
+    seed: int = 0,
+    max_positions: int = 128,
 ) -> Path:
     tokenizer = build_tokenizer()
     config = LlamaConfig(
@@ -48,7 +53,7 @@ def build_model_dir(
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -18,6 +18,7 @@ from emc.models import (
     load_plain_model,
     load_replacement_model,
 )
+from emc.models.factory import TRANSFORMERLENS_MAX_CONTEXT
 from tests import builders
 
 
@@ -81,6 +82,21 @@ def test_both_backends_give_the_same_logits_as_hugging_face(tiny, prompt_ids, ro
             assert torch.allclose(logits, expected, atol=1e-4), (backend, role)
         finally:
             loaded.close()
+
+
+def test_transformerlens_caps_a_long_context_instead_of_allocating_its_mask(tiny, tmp_path):
+    # Llama 3 directories say 131072 positions: a full mask would take 17 GB per layer.
+    long = builders.build_model_dir(tmp_path / "long", max_positions=131072)
+    raw = builders.config_dict(long, tiny["transcoders"], backend="transformerlens")
+    loaded = load_replacement_model(parse_config(raw), "base")
+    try:
+        assert loaded.model.cfg.n_ctx == TRANSFORMERLENS_MAX_CONTEXT
+        ids = torch.tensor([1, 5, 9, 13])
+        with torch.no_grad():
+            expected = load_plain_model(parse_config(raw), "base")(ids[None]).logits[0]
+        assert torch.allclose(loaded.next_token_logits(ids), expected, atol=1e-4)
+    finally:
+        loaded.close()
 
 
 def test_identity_names_role_adapter_and_fingerprint(tiny):

@@ -105,6 +105,9 @@ class LoadedModel:
             torch.cuda.empty_cache()
 
 
+TRANSFORMERLENS_MAX_CONTEXT = 4096
+
+
 def encode_with_bos(tokenizer, text: str) -> torch.Tensor:
     """Token ids starting with exactly one BOS, as circuit-tracer's graphs see them.
 
@@ -220,6 +223,9 @@ def _transformerlens_model(
     # TransformerLens drops rope_theta for local Llama directories; logits differ by ~2 without.
     if getattr(hf_model.config, "rope_theta", None) is not None:
         cfg.rotary_base = hf_model.config.rope_theta
+    # TransformerLens builds an n_ctx x n_ctx attention mask per layer: at Llama 3's 131072
+    # positions that is 17 GB each. Prompts and graphs are far shorter than the cap.
+    cfg.n_ctx = min(cfg.n_ctx, TRANSFORMERLENS_MAX_CONTEXT)
     state = get_pretrained_state_dict(str(base_dir), cfg, hf_model=hf_model, dtype=precision.dtype)
     model = TransformerLensReplacementModel(cfg, tokenizer=tokenizer)
     model.load_and_process_state_dict(
