@@ -15,5 +15,6 @@ st.set_page_config(page_title="EMC", page_icon="🔬", layout="wide")
 pages = [
     st.Page("views/runs.py", title="Runs", icon="🏃", default=True),
     st.Page("views/review.py", title="Review", icon="🧐"),
+    st.Page("views/graphs.py", title="Graphs", icon="🕸️"),
 ]
 st.navigation(pages).run()
