@@ -1,0 +1,171 @@
+"""circuit-tracer's graph viewer, offline: `emc graph export`, `serve` and `assets`."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail
+from emc.console import console
+
+graph_app = typer.Typer(
+    help=(
+        "View attribution graphs in circuit-tracer's viewer, fully offline.\n\n"
+        "`emc graph export PROMPT_ID` writes a prompt's base and adapted graphs as viewer files, "
+        "`emc graph serve` opens them in the browser. The viewer's JavaScript libraries come "
+        "from a local cache that `emc graph assets` fills (scripts/install.sh runs it)."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(graph_app, name="graph")
+
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Directory of viewer files. Default: viewer/ in the data directory.",
+    ),
+]
+
+
+def _out_dir(out: Path | None, data_dir: Path | None, config: Path | None) -> Path:
+    from emc.config import ConfigError
+    from emc.viewer import default_out_dir
+
+    if out is not None:
+        return out.expanduser().resolve()
+    try:
+        return default_out_dir(data_dir_from(data_dir, config))
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+@graph_app.command("export")
+def graph_export(
+    prompt_id: Annotated[
+        str,
+        typer.Argument(help="A prompt id, or a unique start of one (`emc prompt list`)."),
+    ],
+    out: OutOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Write a prompt's base and adapted graphs as viewer files, from the stored rows.
+
+    Every successful base/adapted pair of the prompt (made by `emc trace`) becomes one file per
+    graph, `<prompt>-<role>-<targets>.json`, listed in graph-metadata.json; clicking a feature
+    shows where it is active in the exported prompts. No model is loaded. Exporting again
+    replaces the files. Then: `emc graph serve`.
+    """
+    from emc.config import ConfigError
+    from emc.store import Store
+    from emc.viewer import ViewerError, export_prompt
+
+    try:
+        store = Store.in_data_dir(data_dir_from(data_dir, config))
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    target = _out_dir(out, data_dir, config)
+    try:
+        result = export_prompt(store, prompt_id, target)
+    except ViewerError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"prompt {result.prompt_id} ({result.prompt_name}):", highlight=False, soft_wrap=True
+    )
+    for graph in result.graphs:
+        console.print(
+            f"  {graph.role:8} {graph.path}  ({graph.nodes} nodes, {graph.edges} edges)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(f"  index    {result.index}", highlight=False, soft_wrap=True)
+    console.print(
+        f"  {result.feature_files} feature files in {result.out_dir / 'features'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    serve = "emc graph serve" + (f" --out {result.out_dir}" if out is not None else "")
+    if out is None and data_dir is not None:
+        serve += f" -d {data_dir}"
+    console.print(f"next: `{serve}`, then open the printed URL", highlight=False, soft_wrap=True)
+
+
+@graph_app.command("serve")
+def graph_serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8032,
+    out: OutOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Serve the exported graphs with circuit-tracer's viewer; Ctrl-C stops it.
+
+    The page is circuit-tracer's own, with its CDN scripts replaced by the verified local copies
+    from `emc graph assets`: nothing is fetched from the internet. The Save button stores the
+    page's pins and groupings in the graph's file.
+    """
+    from emc.viewer import ViewerError, open_viewer
+
+    target = _out_dir(out, data_dir, config)
+    try:
+        with open_viewer(target, port=port) as viewer:
+            console.print(
+                f"viewer on {viewer.url} (graphs: {target}); Ctrl-C stops it",
+                highlight=False,
+                soft_wrap=True,
+            )
+            # SIGTERM stops it like Ctrl-C, so the temporary frontend is removed either way.
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+            try:
+                viewer.serve_forever()
+            except KeyboardInterrupt:
+                console.print("stopped")
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+    except ViewerError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot serve on port {port}: {exc}; pick another with --port") from None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@graph_app.command("assets")
+def graph_assets(
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Cache directory. Default: $EMC_VIEWER_ASSETS, else ~/.cache/emc/viewer-assets."
+        ),
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only verify the cache; download nothing.")
+    ] = False,
+) -> None:
+    """Download the viewer's JavaScript libraries (pinned npm packages) and verify them.
+
+    d3, d3-collection, d3-jetpack, dagre and pako come from the npm registry as tarballs whose
+    sha512 must match the pins in emc/viewer/assets.py; verified files are not downloaded again.
+    """
+    from emc.viewer import AssetError, check_assets, fetch_assets
+
+    try:
+        statuses = check_assets(cache) if check else fetch_assets(cache)
+    except AssetError as exc:
+        raise fail(str(exc)) from None
+    for status in statuses:
+        asset = status.asset
+        console.print(
+            f"  {status.state:10} {asset.package}@{asset.version}  {status.path}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if any(s.state in ("missing", "corrupted") for s in statuses):
+        raise fail("some libraries are missing or corrupted: run `emc graph assets`")
+    console.print("viewer assets ready")
