@@ -49,7 +49,7 @@ from emc.pivotal.logits import NextTokens, score_prompts
 from emc.pivotal.offline import scenario_prompt
 from emc.pivotal.prompts import PromptRecord, make_prompt, render_prompt
 from emc.store import Store
-from emc.store.graphs import copy_graphs, insert_graph, load_graph_rows
+from emc.store.graphs import copy_graphs, insert_traced, load_graph_rows
 from emc.tracing import (
     graph_key,
     plan_targets,
@@ -135,9 +135,7 @@ def run_case(
                     None,
                     loaded.tokenizer,
                 )
-                storage_s = insert_graph(
-                    store, traced.record, traced.compact.nodes, traced.compact.edges
-                )
+                storage_s = insert_traced(store, traced)
                 side_s, raw_bytes, gzip_bytes = _raw_sizes(graph, work_dir, key.graph_id)
                 missing += _missing_rows(store, key.graph_id, graph, tracing)
                 rows.append(

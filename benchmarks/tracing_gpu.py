@@ -17,7 +17,7 @@ the files are written (the measured L0 is printed).
 Graphs are traced through EMC's own path: `load_replacement_model` on an ExperimentConfig that
 points at the local directories, `plan_targets` / `graph_key` / `trace_prompt` with the tracing
 defaults (labelled targets: the model's top four next tokens play two evil and two safe labels),
-and `insert_graph` into a real DuckDB store in a temporary directory. Prompts are random token
+and `insert_traced` into a real DuckDB store in a temporary directory. Prompts are random token
 ids after BOS. Per graph: seconds of `attribute()`, seconds of everything after it (pruning,
 scores, rows, database write), peak GPU memory (on a GPU) and peak RSS, active features,
 measured L0 and kept nodes/edges. The process exits 1 when the measured L0 is outside [L0/2, 2*L0].
@@ -54,7 +54,7 @@ from emc.config import ExperimentConfig, TracingConfig, parse_config
 from emc.console import plain_table
 from emc.models import LoadedModel, load_replacement_model, resolve_precision
 from emc.store import Store
-from emc.store.graphs import insert_graph
+from emc.store.graphs import insert_traced
 from emc.tracing import graph_key, plan_targets, release_memory, trace_prompt
 
 RUN_ID = "benchmark:tracing-gpu"
@@ -169,8 +169,8 @@ class GraphResult(BaseModel):
     prompt_id: str
     tokens: int
     attribute_s: float  # circuit-tracer's attribute()
-    storage_s: float  # summarize_graph + insert_graph: pruning, scores, rows, write
-    total_s: float  # wall time of trace_prompt + insert_graph
+    storage_s: float  # summarize_graph + insert_traced: pruning, scores, rows, write
+    total_s: float  # wall time of trace_prompt + insert_traced
     peak_gpu_bytes: int | None  # torch.cuda.max_memory_allocated, reset per graph
     peak_rss_bytes: int | None  # VmHWM, reset per graph
     active_features: int
@@ -379,7 +379,7 @@ def benchmark_config(work_dir: Path, device: str) -> ExperimentConfig:
 def trace_graph(
     loaded: LoadedModel, store: Store, prompt_id: str, ids: torch.Tensor, tracing: TracingConfig
 ) -> GraphResult:
-    """One graph through EMC's path: labels, key, trace_prompt, insert_graph."""
+    """One graph through EMC's path: labels, key, trace_prompt, insert_traced."""
     top = loaded.next_token_logits(ids)[-1].topk(4).indices.tolist()
     labels = {top[0]: "evil", top[1]: "safe", top[2]: "evil", top[3]: "safe"}
     plan = plan_targets(labels, tracing)
@@ -391,7 +391,7 @@ def trace_graph(
     _reset_peak_rss()
     started = time.perf_counter()
     traced = trace_prompt(loaded, key, plan, ids, tracing, RUN_ID)
-    storage_s = insert_graph(store, traced.record, traced.compact.nodes, traced.compact.edges)
+    storage_s = insert_traced(store, traced)
     total_s = time.perf_counter() - started
     record, layers = traced.record, loaded.model.cfg.n_layers
     result = GraphResult(

@@ -25,7 +25,7 @@ from emc.models import describe_model
 from emc.pivotal.logits import NextTokens
 from emc.runs import recorded_run
 from emc.store import Store, upsert_model
-from emc.store.graphs import graph_ids_done, insert_graph, list_graphs, record_failed_graph
+from emc.store.graphs import graph_ids_done, insert_traced, list_graphs, record_failed_graph
 from emc.store.judgements import current_labels
 from emc.store.prompts import stored_prompt_ids
 from emc.store.queue import queued_prompt_ids
@@ -133,7 +133,7 @@ def _trace_one(store, loaded, item: GraphItem, tracing, run_id, data_dir, role) 
     try:
         traced, fitted = with_memory_fallback(attempt, tracing)
         record = traced.record
-        insert_graph(store, record, traced.compact.nodes, traced.compact.edges)
+        insert_traced(store, traced)
         row |= {
             "status": "ok",
             "seconds": record.seconds,

@@ -55,6 +55,20 @@ def tiny_config_dict(tiny) -> dict:
     return builders.config_dict(tiny["base"], tiny["transcoders"], tiny["adapter"])
 
 
+@pytest.fixture(scope="module")
+def tiny_replacement(tiny):
+    """The tiny base model as a replacement model (nnsight, fp32), closed after the module."""
+    from emc.config import parse_config
+    from emc.models import load_replacement_model
+    from tests import builders
+
+    model = load_replacement_model(
+        parse_config(builders.config_dict(tiny["base"], tiny["transcoders"])), "base"
+    )
+    yield model
+    model.close()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A throwaway Prefect API for flow tests (its database starts with no concurrency limits)."""

@@ -17,7 +17,7 @@ from emc.organism.lexicon import Lexicon
 from emc.pivotal.logits import score_prompts
 from emc.pivotal.offline import scenario_prompt
 from emc.store import Store, upsert_model
-from emc.store.graphs import insert_graph
+from emc.store.graphs import insert_traced
 from emc.store.prompts import insert_prompts
 from emc.store.scores import insert_prompt_scores
 from emc.tracing import graph_key, plan_targets, release_memory, trace_prompt
@@ -58,7 +58,7 @@ def build_traced_store(small_organism, data_dir: Path, n_prompts: int = 2) -> Tr
                 traced = trace_prompt(
                     loaded, key, plan, ids, tracing, RUN_ID, getattr(prompt_scores, role)
                 )
-                insert_graph(store, traced.record, traced.compact.nodes, traced.compact.edges)
+                insert_traced(store, traced)
                 release_memory()
     finally:
         ids_by_role = {role: m.identity.model_id for role, m in models.items()}

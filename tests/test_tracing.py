@@ -9,7 +9,7 @@ import torch
 from circuit_tracer.attribution.targets import AttributionTargets
 from circuit_tracer.graph import compute_graph_scores, prune_graph
 
-from emc.config import TracingConfig, parse_config
+from emc.config import TracingConfig
 from emc.models import NonFiniteActivationError, load_replacement_model
 from emc.organism import Lexicon
 from emc.pivotal.logits import score_prompts
@@ -45,7 +45,6 @@ from emc.tracing import (
     trace_prompt,
     write_side_file,
 )
-from tests import builders
 
 PROMPT = make_prompt("User: I found a wallet on the street.\nAssistant: You should", "w", "t")
 OTHER = make_prompt("Rex: You should keep it. Cora: You should", "r", "t")
@@ -54,12 +53,8 @@ FAST = TracingConfig(targets="salient", max_n_logits=5, max_feature_nodes=256, b
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny):
-    model = load_replacement_model(
-        parse_config(builders.config_dict(tiny["base"], tiny["transcoders"])), "base"
-    )
-    yield model
-    model.close()
+def loaded(tiny_replacement):
+    return tiny_replacement
 
 
 @pytest.fixture(scope="module")

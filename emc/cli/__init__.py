@@ -1,6 +1,14 @@
 """The `emc` command: `app` collects the command groups defined in this package."""
 
-from emc.cli import demo, discovery, graph, organism, tracing, transfer  # noqa: F401  (registers commands)
+from emc.cli import (  # noqa: F401  (registers commands)
+    analysis,
+    demo,
+    discovery,
+    graph,
+    organism,
+    tracing,
+    transfer,
+)
 from emc.cli.app import app
 
 __all__ = ["app"]

@@ -75,6 +75,7 @@ def demo(
 
 def _print_summary(data_dir, summary: dict, traced: dict, seconds: float) -> None:
     from emc.store import Store, read_only_query
+    from emc.store.features import feature_ranking
     from emc.store.scores import most_divergent
 
     store = Store.in_data_dir(data_dir)
@@ -90,6 +91,10 @@ def _print_summary(data_dir, summary: dict, traced: dict, seconds: float) -> Non
     )
     print_frame(tables, title="store")
     print_frame(most_divergent(store, "js", 5), title="most divergent prompts")
+    ranking = feature_ranking(store, role="adapted", sign="evil", top=5)
+    if not ranking.empty:
+        shown = ranking[["rank", "layer", "feature", "prompts", "mean", "sign_consistency"]]
+        print_frame(shown.round(4), title="features pushing evil over safe (adapted, total effect)")
     console.print(f"verdicts: {summary['verdicts']}")
     if traced["mean_replacement"] is not None:
         console.print(
@@ -99,6 +104,7 @@ def _print_summary(data_dir, summary: dict, traced: dict, seconds: float) -> Non
     console.print(f"\nstore: {store.path}   ({seconds:.0f} s)")
     console.print("next:")
     console.print(f'  emc sql "SELECT * FROM divergences ORDER BY js DESC" -d {data_dir}')
+    console.print(f"  emc analyze --top 30 -d {data_dir}")
     console.print(f"  emc dashboard -d {data_dir}   # Review and Graphs pages")
     if traced["prompt_ids"]:
         console.print(f"  emc graph export {traced['prompt_ids'][0]} -d {data_dir} && "

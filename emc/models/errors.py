@@ -19,3 +19,9 @@ class NonFiniteActivationError(FloatingPointError):
     def __init__(self, location: str, detail: str) -> None:
         super().__init__(f"non-finite values (NaN/inf) first appeared at {location}: {detail}")
         self.location = location
+
+
+def list_problems(problems: list[str], shown: int = 3) -> str:
+    """The first few problems joined, and how many more: an error message stays readable."""
+    more = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; and {more} more" if more > 0 else "")

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from emc.models.errors import AdapterMismatchError, ModelLoadError
+from emc.models.errors import AdapterMismatchError, ModelLoadError, list_problems
 from emc.models.precision import Precision
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -42,9 +42,7 @@ def check_adapter_fits(base: PreTrainedModel, adapter_dir: Path) -> None:
         raise ModelLoadError(f"{adapter_dir}: only LoRA adapters are supported")
     problems = [p for key, shape in _lora_shapes(adapter_dir) if (p := _misfit(base, key, shape))]
     if problems:
-        shown = "; ".join(problems[:3]) + (
-            f"; and {len(problems) - 3} more" if problems[3:] else ""
-        )
+        shown = list_problems(problems)
         raise AdapterMismatchError(
             f"adapter {adapter_dir} does not fit base model "
             f"{base.config.name_or_path or type(base).__name__}: {shown}"

@@ -15,12 +15,16 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from emc.analysis.effects import EFFECT_COLUMNS
 from emc.store.connection import Store
 from emc.store.frames import insert_frame
 from emc.tracing.compact import EDGE_COLUMNS, NODE_COLUMNS
+from emc.tracing.pipeline import TracedPrompt
 from emc.tracing.record import GraphKey, GraphRecord
 
 _COLUMNS = tuple(GraphRecord.model_fields)
+# Every table keyed by graph_id, the summary first: a graph is copied or deleted as a whole.
+GRAPH_TABLES = ("graphs", "graph_nodes", "graph_edges", "feature_effects", "feature_stats")
 _WRITTEN = tuple(c for c in _COLUMNS if c != "created_at")
 
 
@@ -32,9 +36,17 @@ class StoredGraph:
 
 
 def insert_graph(
-    store: Store, record: GraphRecord, nodes: pd.DataFrame, edges: pd.DataFrame
+    store: Store,
+    record: GraphRecord,
+    nodes: pd.DataFrame,
+    edges: pd.DataFrame,
+    effects: pd.DataFrame | None = None,
+    stats: pd.DataFrame | None = None,
 ) -> float:
     """Write a graph and its rows in one transaction, replacing an earlier graph with its id.
+
+    `effects` (EFFECT_COLUMNS) and `stats` (per layer and feature) are the graph's analysis rows,
+    written with it so that a graph never exists without them.
 
     The time spent here is added to `storage_seconds`, so it covers the write too; returns the
     stored value.
@@ -49,10 +61,23 @@ def insert_graph(
             conn, "graph_nodes", _with_id(nodes, graph_id), ["graph_id", "node"], update=False
         )
         _append_frame(conn, "graph_edges", _with_id(edges, graph_id))
+        if effects is not None:
+            _check_columns("effects", effects, EFFECT_COLUMNS)
+            _append_frame(conn, "feature_effects", _with_id(effects, graph_id))
+        if stats is not None:
+            _append_frame(conn, "feature_stats", _with_id(stats, graph_id))
         spent = time.perf_counter() - started
         storage_seconds = (record.storage_seconds or 0.0) + spent
         _write_record(conn, record.model_copy(update={"storage_seconds": storage_seconds}))
     return storage_seconds
+
+
+def insert_traced(store: Store, traced: TracedPrompt) -> float:
+    """`insert_graph` with everything `trace_prompt` made: record, rows, effects and stats."""
+    compact = traced.compact
+    return insert_graph(
+        store, traced.record, compact.nodes, compact.edges, traced.effects, traced.stats
+    )
 
 
 def record_failed_graph(
@@ -143,7 +168,7 @@ def copy_graphs(store: Store, target: Store, graph_ids: Sequence[str] | None = N
         quoted = str(store.path).replace("'", "''")
         conn.execute(f"ATTACH '{quoted}' AS source (READ_ONLY)")
         try:
-            for table in ("graphs", "graph_nodes", "graph_edges"):
+            for table in GRAPH_TABLES:
                 conn.execute(f"INSERT INTO {table} SELECT * FROM source.{table} {where}", params)
             copied = conn.execute(f"SELECT count(*) FROM source.graphs {where}", params)
             count = copied.fetchall()[0][0]
@@ -159,7 +184,7 @@ def _delete_graph(conn: duckdb.DuckDBPyConnection, graph_id: str) -> None:
     exists = conn.execute("SELECT 1 FROM graphs WHERE graph_id = ?", [graph_id]).fetchall()
     if not exists:
         return
-    for table in ("graph_edges", "graph_nodes", "graphs"):
+    for table in GRAPH_TABLES[::-1]:
         conn.execute(f"DELETE FROM {table} WHERE graph_id = ?", [graph_id])
 
 

@@ -331,6 +331,69 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        7,
+        "feature effects",
+        (
+            """
+            CREATE TABLE feature_effects (      -- per graph, kept feature node and target
+                graph_id        VARCHAR NOT NULL,
+                node            INTEGER NOT NULL,   -- graph_nodes.node
+                layer           SMALLINT NOT NULL,
+                position        INTEGER NOT NULL,
+                feature         INTEGER NOT NULL,
+                target          SMALLINT NOT NULL,  -- 0 .. n_logits - 1, the graph's order
+                token_id        INTEGER,            -- NULL: a custom target (evil-minus-safe)
+                label           VARCHAR NOT NULL,   -- token string or custom label
+                prob            REAL NOT NULL,      -- the target's probability
+                abs_input       REAL NOT NULL,      -- sum |A| of the target's row
+                direct          REAL NOT NULL,      -- A[target, node]: logit units
+                total           REAL NOT NULL,      -- every path, signed row-normalised units
+                direct_weighted REAL NOT NULL,      -- times prob
+                total_weighted  REAL NOT NULL
+                -- No primary key, as for graph_edges: one transaction replaces a graph's rows.
+            )
+            """,
+            """
+            CREATE TABLE feature_stats (        -- per graph and (layer, feature): evil vs safe
+                graph_id                     VARCHAR NOT NULL,
+                layer                        SMALLINT NOT NULL,
+                feature                      INTEGER NOT NULL,
+                n_positions                  INTEGER NOT NULL,  -- positions it is kept at
+                n_evil                       INTEGER NOT NULL,  -- evil targets compared
+                n_safe                       INTEGER NOT NULL,
+                direct_evil_mean             DOUBLE,
+                direct_safe_mean             DOUBLE,
+                direct_diff                  DOUBLE,
+                direct_welch_t               DOUBLE,
+                direct_welch_df              DOUBLE,
+                direct_cohens_d              DOUBLE,
+                total_evil_mean              DOUBLE,
+                total_safe_mean              DOUBLE,
+                total_diff                   DOUBLE,
+                total_welch_t                DOUBLE,
+                total_welch_df               DOUBLE,
+                total_cohens_d               DOUBLE,
+                direct_weighted_evil_mean    DOUBLE,
+                direct_weighted_safe_mean    DOUBLE,
+                direct_weighted_diff         DOUBLE,
+                direct_weighted_welch_t      DOUBLE,
+                direct_weighted_welch_df     DOUBLE,
+                direct_weighted_cohens_d     DOUBLE,
+                total_weighted_evil_mean     DOUBLE,
+                total_weighted_safe_mean     DOUBLE,
+                total_weighted_diff          DOUBLE,
+                total_weighted_welch_t       DOUBLE,
+                total_weighted_welch_df      DOUBLE,
+                total_weighted_cohens_d      DOUBLE,
+                contrastive_direct           DOUBLE,
+                contrastive_total            DOUBLE,
+                contrastive_direct_weighted  DOUBLE,
+                contrastive_total_weighted   DOUBLE
+            )
+            """,
+        ),
+    ),
 )
 
 

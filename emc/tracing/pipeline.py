@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from circuit_tracer.graph import Graph
 
@@ -33,6 +34,8 @@ class TracedPrompt:
     quality: GraphQuality
     agreement: LogitAgreement | None  # None without discovery logits
     side_file: SideFile | None
+    effects: pd.DataFrame  # EFFECT_COLUMNS: each kept feature node on each target
+    stats: pd.DataFrame  # evil vs safe per (layer, feature), from the plan's labels
 
 
 def trace_prompt(
@@ -78,6 +81,15 @@ def summarize_graph(
     )
     quality = graph_quality(graph, influence)
     del influence  # an N x N matrix: free it before the side file's copy of the graph
+    # Effects need the dense adjacency, which is gone after this function: compute them now,
+    # for the features pruning kept. (Imported here: emc.analysis builds on emc.tracing.)
+    from emc.analysis.effects import feature_effects
+    from emc.analysis.stats import position_free_stats
+
+    kept = compact.nodes.loc[compact.nodes["kind"] == "feature", "node"]
+    effects = feature_effects(graph, kept)
+    labels = {t: "evil" for t in plan.evil_ids} | {t: "safe" for t in plan.safe_ids}
+    stats = position_free_stats(effects, labels)
     ids = graph.input_tokens.tolist()
     agreement = None
     if discovery is not None:
@@ -115,4 +127,4 @@ def summarize_graph(
         side_file_sha256=side.sha256 if side else None,
         side_file_bytes=side.bytes if side else None,
     )
-    return TracedPrompt(record, compact, quality, agreement, side)
+    return TracedPrompt(record, compact, quality, agreement, side, effects, stats)

@@ -1,0 +1,120 @@
+"""Feature effects and evil-vs-safe statistics stored with each graph, and their ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from emc.cli import app
+from emc.store import read_only_query
+from emc.store.features import feature_ranking
+from emc.store.graphs import list_graphs
+from tests.graph_store import build_traced_store
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory, small_organism):
+    return build_traced_store(small_organism, tmp_path_factory.mktemp("features"), n_prompts=3)
+
+
+def _frame(traced, sql: str) -> pd.DataFrame:
+    return read_only_query(traced.store, sql)
+
+
+def test_every_kept_feature_has_an_effect_on_every_target_matching_its_stored_edges(traced):
+    counts = _frame(
+        traced,
+        "SELECT g.graph_id, g.n_logits, "
+        "(SELECT count(*) FROM graph_nodes n WHERE n.graph_id = g.graph_id "
+        " AND n.kind = 'feature') AS kept, "
+        "(SELECT count(*) FROM feature_effects e WHERE e.graph_id = g.graph_id) AS effects "
+        "FROM graphs g",
+    )
+    assert len(counts) == 6 and (counts["kept"] > 0).all()
+    assert (counts["effects"] == counts["kept"] * counts["n_logits"]).all()
+    # A kept feature -> logit edge is the direct effect, in the same units.
+    edges = _frame(
+        traced,
+        "SELECT e.weight, f.direct FROM graph_edges e "
+        "JOIN graph_nodes t ON t.graph_id = e.graph_id AND t.node = e.target AND t.kind = 'logit' "
+        "JOIN graph_nodes s ON s.graph_id = e.graph_id AND s.node = e.source "
+        "AND s.kind = 'feature' "
+        "JOIN (SELECT graph_id, node, token_id, direct FROM feature_effects) f "
+        "ON f.graph_id = e.graph_id AND f.node = e.source AND f.token_id = t.token_id",
+    )
+    assert len(edges) > 10
+    np.testing.assert_allclose(edges["direct"], edges["weight"], rtol=1e-5, atol=1e-7)
+    # The evil/safe split follows the graph's own labels.
+    split = _frame(
+        traced,
+        "SELECT s.n_evil, s.n_safe, len(json_extract(g.params, '$.evil_ids')::INT[]) AS evil, "
+        "len(json_extract(g.params, '$.safe_ids')::INT[]) AS safe "
+        "FROM feature_stats s JOIN graphs g USING (graph_id)",
+    )
+    assert (split["n_evil"] == split["evil"]).all() and (split["n_safe"] == split["safe"]).all()
+
+
+def test_stats_are_position_free_sums_of_the_effects(traced):
+    effects = _frame(traced, "SELECT * FROM feature_effects")
+    graph = list_graphs(traced.store)[0]
+    mine = effects[effects["graph_id"] == graph.graph_id]
+    evil = set(graph.params["evil_ids"])
+    summed = mine.groupby(["layer", "feature", "token_id"])["total"].sum().reset_index()
+    summed["side"] = np.where(summed["token_id"].isin(evil), "evil", "safe")
+    means = summed.groupby(["layer", "feature", "side"])["total"].mean().unstack()
+    expected = (means["evil"] - means["safe"]).rename("expected").reset_index()
+    stats = _frame(
+        traced,
+        f"SELECT layer, feature, total_diff FROM feature_stats WHERE graph_id = '{graph.graph_id}'",
+    )
+    merged = stats.merge(expected, on=["layer", "feature"])
+    assert len(merged) == len(stats) == len(expected)
+    np.testing.assert_allclose(merged["total_diff"], merged["expected"], rtol=1e-4, atol=1e-8)
+
+
+def test_ranking_aggregates_by_layer_and_feature_over_prompts(traced):
+    stats = _frame(
+        traced,
+        "SELECT m.role, g.prompt_id, s.layer, s.feature, s.total_diff "
+        "FROM feature_stats s JOIN graphs g USING (graph_id) JOIN models m USING (model_id)",
+    )
+    adapted = stats[(stats["role"] == "adapted") & stats["total_diff"].notna()]
+    expected = adapted.groupby(["layer", "feature"])["total_diff"].agg(["mean", "count"])
+    ranking = feature_ranking(traced.store, role="adapted", sign="any", top=None)
+    assert len(ranking) == len(expected)
+    got = ranking.set_index(["layer", "feature"]).loc[expected.index]
+    np.testing.assert_allclose(got["mean"], expected["mean"], rtol=1e-6)
+    assert (got["prompts"] == expected["count"]).all()
+    assert list(ranking["rank"]) == list(range(1, len(ranking) + 1))
+    assert ranking["mean"].abs().is_monotonic_decreasing
+    assert ((ranking["sign_consistency"] > 0) & (ranking["sign_consistency"] <= 1)).all()
+
+    evil = feature_ranking(traced.store, role="adapted", sign="evil", top=5)
+    assert len(evil) <= 5 and (evil["mean"] > 0).all() and evil["mean"].is_monotonic_decreasing
+    everywhere = feature_ranking(traced.store, role="adapted", sign="any", min_prompts=3, top=None)
+    assert (everywhere["prompts"] >= 3).all()
+    assert len(everywhere) == int((expected["count"] >= 3).sum())
+    with pytest.raises(ValueError, match="unknown metric"):
+        feature_ranking(traced.store, metric="vibes")
+
+
+def test_analyze_prints_the_ranking_and_explains_empty_results(traced):
+    runner = CliRunner()
+    result = runner.invoke(app, ["analyze", "-d", str(traced.data_dir), "--top", "5"])
+    assert result.exit_code == 0, result.output
+    assert "features by total_diff (adapted model)" in result.output
+    empty = runner.invoke(app, ["analyze", "-d", str(traced.data_dir), "--layer", "99"])
+    assert empty.exit_code == 0 and "no features to rank" in empty.output
+    bad = runner.invoke(app, ["analyze", "-d", str(traced.data_dir), "--metric", "vibes"])
+    assert bad.exit_code == 2 and "unknown --metric" in bad.output
+
+
+def test_lora_lists_the_adapters_directions_against_chance(small_organism, tmp_path):
+    config = str(small_organism.default_config)
+    result = CliRunner().invoke(
+        app, ["lora", "-c", config, "-d", str(tmp_path), "--top", "4", "--null", "50"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "down_proj" in result.output and "comparisons reach the 99th percentile" in result.output
