@@ -118,3 +118,13 @@ def test_lora_lists_the_adapters_directions_against_chance(small_organism, tmp_p
     )
     assert result.exit_code == 0, result.output
     assert "down_proj" in result.output and "comparisons reach the 99th percentile" in result.output
+
+
+def test_aggregation_benchmark_replicates_real_graphs_and_ranks_them(traced):
+    from benchmarks.feature_aggregation import main
+
+    base = _frame(traced, "SELECT count(*) AS n FROM feature_effects")["n"][0]
+    figures = main(["--data-dir", str(traced.data_dir), "--graphs", "30"])
+    assert figures["graphs"] == 30 and figures["source_graphs"] == 6
+    assert figures["feature_effects_rows"] == 5 * base
+    assert figures["ranked_features"] > 0 and figures["ranking_s"] > 0

@@ -220,3 +220,44 @@ def _to_record(row: tuple[Any, ...]) -> GraphRecord:
     values = dict(zip(_COLUMNS, row, strict=True))
     values["params"] = json.loads(values["params"]) if values["params"] else {}
     return GraphRecord.model_validate(values)
+
+
+def replicate_graphs(store: Store, target: Store, copies: int) -> int:
+    """Copy every ok graph `copies` times into `target`, each copy under new graph and prompt ids.
+
+    For scale tests and benchmarks: real rows at a size no CPU run could trace. Returns how many
+    graphs the target holds afterwards.
+    """
+    store.ensure_schema()
+    with target.write() as conn:
+        quoted = str(store.path).replace("'", "''")
+        conn.execute(f"ATTACH '{quoted}' AS source (READ_ONLY)")
+        try:
+            conn.execute("INSERT INTO models SELECT * FROM source.models ON CONFLICT DO NOTHING")
+            conn.execute(f"CREATE TEMP TABLE _copies AS SELECT range AS c FROM range({copies})")
+            renamed = "graph_id || '-' || c AS graph_id"
+            for table in GRAPH_TABLES:
+                columns = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT column_name FROM information_schema.columns WHERE "
+                        "table_catalog = 'source' AND table_name = ? ORDER BY ordinal_position",
+                        [table],
+                    ).fetchall()
+                ]
+                select = [
+                    renamed if c == "graph_id" else "prompt_id || '-' || c AS prompt_id"
+                    if c == "prompt_id" else c
+                    for c in columns
+                ]  # fmt: skip
+                status = "WHERE t.status = 'ok'" if table == "graphs" else (
+                    "WHERE t.graph_id IN (SELECT graph_id FROM source.graphs WHERE status = 'ok')"
+                )  # fmt: skip
+                conn.execute(
+                    f"INSERT INTO {table} ({', '.join(columns)}) "
+                    f"SELECT {', '.join(select)} FROM source.{table} t, _copies {status}"
+                )
+            count = conn.execute("SELECT count(*) FROM graphs").fetchall()[0][0]
+        finally:
+            conn.execute("DETACH source")
+    return count
