@@ -9,6 +9,7 @@ content, so a re-run skips graphs already made and re-tries failed ones: a kille
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from emc.config import ExperimentConfig, TracingConfig, load_experiment
+from emc.config import TracingConfig, load_experiment
 from emc.models import describe_model
 from emc.pivotal.logits import NextTokens
 from emc.runs import recorded_run
@@ -57,31 +58,34 @@ class GraphItem:
 
 
 def plan_graphs(
-    store: Store, config: ExperimentConfig, prompt_ids: list[str], role: str
-) -> tuple[list[GraphItem], list[str]]:
-    """The graphs of `role` for these prompts, and the prompts that have no discovery logits."""
-    base_id = describe_model(config, "base").model_id
-    adapted_id = describe_model(config, "adapted").model_id
-    model_id = base_id if role == "base" else adapted_id
-    scores = {s.prompt_id: s for s in load_prompt_scores(store, prompt_ids, base_id, adapted_id)}
-    items, unscored = [], []
-    for prompt_id in prompt_ids:
-        if prompt_id not in scores:
-            unscored.append(prompt_id)
-            continue
+    store: Store,
+    tracing: TracingConfig,
+    prompt_ids: list[str],
+    role: str,
+    model_ids: Mapping[str, str],
+) -> list[GraphItem]:
+    """The graphs of `role` for these prompts; prompts without discovery logits are left out.
+
+    `model_ids` maps each role to its model id (the flow scores unscored prompts first).
+    """
+    loaded = load_prompt_scores(store, prompt_ids, model_ids["base"], model_ids["adapted"])
+    scores = {s.prompt_id: s for s in loaded}
+    items = []
+    for prompt_id in (p for p in prompt_ids if p in scores):  # the caller's (priority) order
+        prompt_scores = scores[prompt_id]
         labels = {token: label for token, (label, _) in current_labels(store, prompt_id).items()}
-        plan = plan_targets(labels, config.tracing)
-        discovery = getattr(scores[prompt_id], role)
+        plan = plan_targets(labels, tracing)
+        discovery = getattr(prompt_scores, role)
         items.append(
             GraphItem(
-                key=graph_key(prompt_id, model_id, plan, config.tracing),
+                key=graph_key(prompt_id, model_ids[role], plan, tracing),
                 plan=plan,
                 # Both graphs read the ids the base model's logits came from: one tokenisation.
-                input_ids=scores[prompt_id].base.input_ids,
+                input_ids=prompt_scores.base.input_ids,
                 discovery=discovery if discovery.status == "ok" else None,
             )
         )
-    return items, unscored
+    return items
 
 
 @task(task_run_name="trace-{role}", **RETRIES)
@@ -98,8 +102,9 @@ def trace_graphs(
     config, _ = load_experiment(config_path, data_dir)
     config = config.model_copy(update={"tracing": tracing})
     store = Store.in_data_dir(data_dir)
-    items, _ = plan_graphs(store, config, prompt_ids, role)
-    done = graph_ids_done(store, describe_model(config, role).model_id)
+    model_ids = {r: describe_model(config, r).model_id for r in ROLES}
+    items = plan_graphs(store, tracing, prompt_ids, role, model_ids)
+    done = graph_ids_done(store, model_ids[role])
     pending = [item for item in items if item.key.graph_id not in done]
     if not pending:
         return []

@@ -23,20 +23,7 @@ from emc.store import STORE_FILE_NAME, Store
 from emc.store.judgements import current_labels
 from emc.store.queue import list_queue, queue_counts
 from emc.store.reviews import list_reviews
-
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = ROOT / "test-artifacts"
-INSTALL_HINT = "run `bash scripts/install_browser.sh` (Debian chromium + PyPI playwright)"
+from tests.browser import ARTIFACTS, ROOT, launch_chromium, require_playwright
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +31,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="session")
 def browser_tools():
     """Checked before the store is built, so a missing browser fails in seconds."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: {INSTALL_HINT}")
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        pytest.fail(f"the playwright package is missing: {INSTALL_HINT}")
-    return sync_playwright, expect
+    sync_api = require_playwright()
+    return sync_api.sync_playwright, sync_api.expect
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +126,7 @@ def test_a_reviewer_relabels_a_token_in_the_browser(browser_tools, dashboard_url
     ARTIFACTS.mkdir(exist_ok=True)
     sync_playwright, expect = browser_tools
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(30_000)

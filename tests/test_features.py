@@ -128,3 +128,16 @@ def test_aggregation_benchmark_replicates_real_graphs_and_ranks_them(traced):
     assert figures["graphs"] == 30 and figures["source_graphs"] == 6
     assert figures["feature_effects_rows"] == 5 * base
     assert figures["ranked_features"] > 0 and figures["ranking_s"] > 0
+
+
+def test_copy_graphs_carries_every_graph_table(traced, tmp_path):
+    from emc.store import Store
+    from emc.store.graphs import GRAPH_TABLES, copy_graphs
+
+    target = Store.in_data_dir(tmp_path)
+    one = list_graphs(traced.store)[0].graph_id
+    assert copy_graphs(traced.store, target, [one]) == 1
+    for table in GRAPH_TABLES:
+        sql = f"SELECT count(*) AS n FROM {table} WHERE graph_id = '{one}'"
+        expected = _frame(traced, sql)["n"][0]
+        assert expected > 0 and read_only_query(target, sql)["n"][0] == expected, table

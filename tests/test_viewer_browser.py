@@ -25,21 +25,8 @@ from typer.testing import CliRunner
 
 from emc.cli import app
 from emc.viewer import AssetError, require_assets
+from tests.browser import ARTIFACTS, ROOT, launch_chromium, require_playwright
 from tests.graph_store import build_traced_store
-
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = ROOT / "test-artifacts"
-INSTALL_HINT = "run `bash scripts/install_browser.sh` (Debian chromium + PyPI playwright)"
 
 pytestmark = pytest.mark.integration
 
@@ -47,17 +34,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def browser_tools():
     """Checked before any graph is made, so a missing piece fails in seconds."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: {INSTALL_HINT}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(f"the playwright package is missing: {INSTALL_HINT}")
+    sync_api = require_playwright()
     try:
         require_assets()
     except AssetError as exc:
         pytest.fail(str(exc))
-    return sync_playwright
+    return sync_api.sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +110,7 @@ def test_the_exported_pair_renders_offline_in_chromium(browser_tools, exported, 
             route.abort()
 
     with browser_tools() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(15_000)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
 from emc.cli.app import ConfigOption, DataDirOption, app, fail, prepare_flows
-from emc.config import ConfigError, load_experiment
+from emc.config import ConfigError, TracingConfig, load_experiment
 from emc.console import console, print_frame
 
 
@@ -48,10 +48,10 @@ def trace(
     Then: `emc graph export PROMPT_ID` for circuit-tracer's viewer, or the dashboard's Graphs
     page.
     """
-    if select not in (None, "reviewed", "flagged"):
-        raise fail(f"unknown --select {select!r}: choose reviewed or flagged")
-    if targets not in (None, "labelled", "contrastive", "salient"):
-        raise fail(f"unknown --targets {targets!r}: choose labelled, contrastive or salient")
+    for option, value in (("select", select), ("targets", targets)):
+        choices = get_args(TracingConfig.model_fields[option].annotation)
+        if value is not None and value not in choices:
+            raise fail(f"unknown --{option} {value!r}: choose {' or '.join(choices)}")
     try:
         _, resolved = load_experiment(config, data_dir)
     except ConfigError as exc:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,18 +164,11 @@ def copy_graphs(store: Store, target: Store, graph_ids: Sequence[str] | None = N
     ids = list(graph_ids) if graph_ids is not None else None
     where = "WHERE list_contains(?, graph_id)" if ids is not None else ""
     params = [ids] if ids is not None else []
-    store.ensure_schema()
-    with target.write() as conn:
-        quoted = str(store.path).replace("'", "''")
-        conn.execute(f"ATTACH '{quoted}' AS source (READ_ONLY)")
-        try:
-            for table in GRAPH_TABLES:
-                conn.execute(f"INSERT INTO {table} SELECT * FROM source.{table} {where}", params)
-            copied = conn.execute(f"SELECT count(*) FROM source.graphs {where}", params)
-            count = copied.fetchall()[0][0]
-        finally:
-            conn.execute("DETACH source")
-    return count
+    with target.write() as conn, _attached(conn, store, "source"):
+        for table in GRAPH_TABLES:
+            conn.execute(f"INSERT INTO {table} SELECT * FROM source.{table} {where}", params)
+        copied = conn.execute(f"SELECT count(*) FROM source.graphs {where}", params)
+        return copied.fetchall()[0][0]
 
 
 def _delete_graph(conn: duckdb.DuckDBPyConnection, graph_id: str) -> None:
@@ -228,36 +222,27 @@ def replicate_graphs(store: Store, target: Store, copies: int) -> int:
     For scale tests and benchmarks: real rows at a size no CPU run could trace. Returns how many
     graphs the target holds afterwards.
     """
+    ok = "graph_id IN (SELECT graph_id FROM source.graphs WHERE status = 'ok')"
+    with target.write() as conn, _attached(conn, store, "source"):
+        conn.execute("INSERT INTO models SELECT * FROM source.models ON CONFLICT DO NOTHING")
+        for table in GRAPH_TABLES:
+            renamed = ["graph_id || '-' || c AS graph_id"]
+            if table == "graphs":
+                renamed.append("prompt_id || '-' || c AS prompt_id")
+            conn.execute(
+                f"INSERT INTO {table} SELECT t.* REPLACE ({', '.join(renamed)}) "
+                f"FROM source.{table} t, range({copies}) AS r(c) WHERE t.{ok}"
+            )
+        return conn.execute("SELECT count(*) FROM graphs").fetchall()[0][0]
+
+
+@contextmanager
+def _attached(conn: duckdb.DuckDBPyConnection, store: Store, alias: str) -> Iterator[None]:
+    """Another store attached read-only under `alias` for the length of the block."""
     store.ensure_schema()
-    with target.write() as conn:
-        quoted = str(store.path).replace("'", "''")
-        conn.execute(f"ATTACH '{quoted}' AS source (READ_ONLY)")
-        try:
-            conn.execute("INSERT INTO models SELECT * FROM source.models ON CONFLICT DO NOTHING")
-            conn.execute(f"CREATE TEMP TABLE _copies AS SELECT range AS c FROM range({copies})")
-            renamed = "graph_id || '-' || c AS graph_id"
-            for table in GRAPH_TABLES:
-                columns = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT column_name FROM information_schema.columns WHERE "
-                        "table_catalog = 'source' AND table_name = ? ORDER BY ordinal_position",
-                        [table],
-                    ).fetchall()
-                ]
-                select = [
-                    renamed if c == "graph_id" else "prompt_id || '-' || c AS prompt_id"
-                    if c == "prompt_id" else c
-                    for c in columns
-                ]  # fmt: skip
-                status = "WHERE t.status = 'ok'" if table == "graphs" else (
-                    "WHERE t.graph_id IN (SELECT graph_id FROM source.graphs WHERE status = 'ok')"
-                )  # fmt: skip
-                conn.execute(
-                    f"INSERT INTO {table} ({', '.join(columns)}) "
-                    f"SELECT {', '.join(select)} FROM source.{table} t, _copies {status}"
-                )
-            count = conn.execute("SELECT count(*) FROM graphs").fetchall()[0][0]
-        finally:
-            conn.execute("DETACH source")
-    return count
+    quoted = str(store.path).replace("'", "''")
+    conn.execute(f"ATTACH '{quoted}' AS {alias} (READ_ONLY)")
+    try:
+        yield
+    finally:
+        conn.execute(f"DETACH {alias}")
