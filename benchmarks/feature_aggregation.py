@@ -2,7 +2,8 @@
 
 Real organism graphs (from a data directory that `emc demo` or `emc trace` filled) are replicated
 under new graph and prompt ids until the store holds `--graphs` graphs, then `emc analyze`'s
-ranking and a per-(layer, feature) aggregation of the raw `feature_effects` rows are timed.
+ranking, a per-(layer, feature) aggregation of the raw `feature_effects` rows, and `emc diff`'s
+base-vs-adapted aggregation (features and layers over every pair) are timed.
 
     python benchmarks/feature_aggregation.py --data-dir emc-data [--graphs 1000]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from emc.store import Store, read_only_query
 from emc.store.features import feature_ranking
+from emc.store.graph_diff import graph_diff_summary, layer_diff_summary
 from emc.store.graphs import replicate_graphs
 
 
@@ -55,6 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
             "avg(direct) AS mean_direct FROM feature_effects GROUP BY ALL",
         )
         raw_s = time.perf_counter() - started
+        started = time.perf_counter()
+        diff = graph_diff_summary(store, top=None)
+        layers = layer_diff_summary(store)
+        diff_s = time.perf_counter() - started
+        pairs = int(layers["pairs"].max()) if len(layers) else 0
     figures = {
         "graphs": graphs,
         "source_graphs": have,
@@ -64,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ranking_s": ranking_s,
         "effects_aggregation_s": raw_s,
         "effects_groups": len(raw),
+        "graph_diff_s": diff_s,
+        "graph_diff_pairs": pairs,
+        "graph_diff_features": len(diff),
         "replicate_s": build_s,
     }
     print(
@@ -73,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"ranking (emc analyze, every adapted feature): {ranking_s:.2f} s, "
         f"{len(ranking)} features\n"
         f"aggregation of raw effects by (layer, feature): {raw_s:.2f} s, {len(raw)} groups\n"
+        f"base-vs-adapted diff over {pairs} pairs (emc diff): {diff_s:.2f} s, "
+        f"{len(diff)} features\n"
         "target: under 5 s"
     )
     if args.json:

@@ -16,5 +16,6 @@ pages = [
     st.Page("views/runs.py", title="Runs", icon="🏃", default=True),
     st.Page("views/review.py", title="Review", icon="🧐"),
     st.Page("views/graphs.py", title="Graphs", icon="🕸️"),
+    st.Page("views/features.py", title="Features", icon="🧬"),
 ]
 st.navigation(pages).run()

@@ -6,6 +6,7 @@ Prefect; the flow's own tests cover the flow.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from emc.models import load_replacement_model
 from emc.organism.lexicon import Lexicon
 from emc.pivotal.logits import score_prompts
 from emc.pivotal.offline import scenario_prompt
-from emc.store import Store, upsert_model
+from emc.store import STORE_FILE_NAME, Store, upsert_model
 from emc.store.graphs import insert_traced
 from emc.store.prompts import insert_prompts
 from emc.store.scores import insert_prompt_scores
@@ -68,3 +69,11 @@ def build_traced_store(small_organism, data_dir: Path, n_prompts: int = 2) -> Tr
         store, Path(data_dir), [p.prompt_id for p in prompts], ids_by_role["base"],
         ids_by_role["adapted"],
     )  # fmt: skip
+
+
+def copy_store(source_dir: Path, data_dir: Path) -> Store:
+    """A private copy of the store in `source_dir` (for tests that change rows)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for path in Path(source_dir).glob(f"{STORE_FILE_NAME}*"):
+        shutil.copy(path, data_dir / path.name)
+    return Store.in_data_dir(data_dir)

@@ -6,13 +6,7 @@ browser fails the test instead of skipping it, so CI cannot pass without running
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +17,13 @@ from emc.store import STORE_FILE_NAME, Store
 from emc.store.judgements import current_labels
 from emc.store.queue import list_queue, queue_counts
 from emc.store.reviews import list_reviews
-from tests.browser import ARTIFACTS, ROOT, launch_chromium, require_playwright
+from tests.browser import (
+    finish_run,
+    launch_chromium,
+    require_playwright,
+    screenshot,
+    streamlit_dashboard,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -56,74 +56,15 @@ def data_dir(discovered, tmp_path) -> Path:
     return data_dir
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def dashboard_url(data_dir, tmp_path):
-    port = free_port()
-    log_path = tmp_path / "streamlit.log"
-    command = [
-        sys.executable, "-m", "streamlit", "run", "dashboard/app.py",
-        "--server.headless", "true", "--server.address", "127.0.0.1",
-        "--server.port", str(port), "--browser.gatherUsageStats", "false",
-        "--server.fileWatcherType", "none",
-    ]  # fmt: skip
-    env = {**os.environ, "EMC_DATA_DIR": str(data_dir)}
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"streamlit exited with {server.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"streamlit was not healthy after 60 s:\n{log_path.read_text()}")
-            time.sleep(0.1)
+    with streamlit_dashboard(data_dir, tmp_path / "streamlit.log") as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-def finish_run(page) -> None:
-    """Wait for the script run to end; until then the page mixes old and new elements.
-
-    Call it once something the run writes is visible: before a run starts there is nothing to
-    wait for. Old elements are marked stale, and the running indicator shows only after a delay.
-    """
-    page.wait_for_function(
-        "() => !document.querySelector('[data-stale=\"true\"], [data-testid=stStatusWidget]')"
-    )
-
-
-def screenshot(page, name: str) -> None:
-    # Streamlit scrolls inside its main element, so a full-page shot would show one screen:
-    # grow the window to the content first.
-    height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
-    page.set_viewport_size({"width": 1400, "height": max(height, 1000)})
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
-    page.set_viewport_size({"width": 1400, "height": 1000})
 
 
 def test_a_reviewer_relabels_a_token_in_the_browser(browser_tools, dashboard_url, data_dir):
     store = Store.in_data_dir(data_dir)
     explanation = "In this context the token leads to a harmless reply."
-    ARTIFACTS.mkdir(exist_ok=True)
     sync_playwright, expect = browser_tools
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)

@@ -92,7 +92,9 @@ def test_demo_runs_end_to_end_on_the_small_recipe(tmp_path):
     assert (tmp_path / "demo" / "prefect").is_dir()
     store = Store.in_data_dir(tmp_path / "demo")
     names = set(read_only_query(store, "SELECT name FROM runs")["name"])
-    assert names == {"organism-build", "model-check", "discovery", "tracing"}
+    assert names == {"organism-build", "model-check", "discovery", "tracing", "analysis"}
     graphs = read_only_query(store, "SELECT prompt_id, status FROM graphs")
     assert len(graphs) == 2 and set(graphs["status"]) == {"ok"}
     assert graphs["prompt_id"].nunique() == 1 and "emc graph export" in output
+    forward = read_only_query(store, "SELECT count(*) AS n FROM forward_diffs")
+    assert forward["n"][0] > 0 and "first differ at layer 0" in output

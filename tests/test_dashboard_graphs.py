@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from emc.store import STORE_FILE_NAME, Store
 from emc.store.graph_pairs import GraphPair, graph_pairs
 from emc.store.graphs import StoredGraph, load_graph_rows
 from emc.tracing.compact import TOKEN_LAYER
-from tests.graph_store import TracedStore, build_traced_store
+from tests.graph_store import TracedStore, build_traced_store, copy_store
 
 PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "graphs.py")
 
@@ -52,12 +51,8 @@ def reading(traced, monkeypatch) -> Store:
 @pytest.fixture
 def copied(traced, tmp_path, monkeypatch) -> Store:
     """A private copy of the store, for tests that change rows; the page reads the copy."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    for path in traced.data_dir.glob(f"{STORE_FILE_NAME}*"):
-        shutil.copy(path, data_dir / path.name)
-    monkeypatch.setenv("EMC_DATA_DIR", str(data_dir))
-    return Store.in_data_dir(data_dir)
+    monkeypatch.setenv("EMC_DATA_DIR", str(tmp_path / "data"))
+    return copy_store(traced.data_dir, tmp_path / "data")
 
 
 def open_page() -> AppTest:

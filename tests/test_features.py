@@ -102,10 +102,14 @@ def test_ranking_aggregates_by_layer_and_feature_over_prompts(traced):
 
 def test_analyze_prints_the_ranking_and_explains_empty_results(traced):
     runner = CliRunner()
-    result = runner.invoke(app, ["analyze", "-d", str(traced.data_dir), "--top", "5"])
+    result = runner.invoke(
+        app, ["analyze", "--ranking-only", "-d", str(traced.data_dir), "--top", "5"]
+    )
     assert result.exit_code == 0, result.output
     assert "features by total_diff (adapted model)" in result.output
-    empty = runner.invoke(app, ["analyze", "-d", str(traced.data_dir), "--layer", "99"])
+    empty = runner.invoke(
+        app, ["analyze", "--ranking-only", "-d", str(traced.data_dir), "--layer", "99"]
+    )
     assert empty.exit_code == 0 and "no features to rank" in empty.output
     bad = runner.invoke(app, ["analyze", "-d", str(traced.data_dir), "--metric", "vibes"])
     assert bad.exit_code == 2 and "unknown --metric" in bad.output
@@ -128,6 +132,7 @@ def test_aggregation_benchmark_replicates_real_graphs_and_ranks_them(traced):
     assert figures["graphs"] == 30 and figures["source_graphs"] == 6
     assert figures["feature_effects_rows"] == 5 * base
     assert figures["ranked_features"] > 0 and figures["ranking_s"] > 0
+    assert figures["graph_diff_pairs"] == 15 and figures["graph_diff_features"] > 0
 
 
 def test_copy_graphs_carries_every_graph_table(traced, tmp_path):

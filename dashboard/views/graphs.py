@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from dashboard import graphs_view as view
 from dashboard.data import current_store
+from dashboard.pickers import pick_pair
 from emc.store.graph_pairs import graph_pairs
 from emc.store.graphs import StoredGraph
 
@@ -32,21 +33,8 @@ if not pairs:
     st.info(f"No base and adapted graph pairs in the store yet. {TRACE_HINT}")
     st.stop()
 
-prompts = view.prompts_of(store, pairs)
 prompt_col, pair_col, edges_col = st.columns([3, 4, 2], vertical_alignment="bottom")
-prompt_id = prompt_col.selectbox(
-    "Prompt",
-    list(dict.fromkeys(p.prompt_id for p in pairs)),
-    format_func=lambda pid: view.prompt_label(pid, prompts),
-    key="graphs-prompt",
-)
-choices = {view.pair_key(p): p for p in pairs if p.prompt_id == prompt_id}
-chosen = pair_col.selectbox(
-    f"Graph pair ({len(choices)} for this prompt)",
-    list(choices),
-    format_func=lambda key: view.pair_label(choices[key]),
-    key=f"graphs-pair-{prompt_id}",
-)
+pair = pick_pair(store, pairs, prompt_col, pair_col, key="graphs")
 limit = edges_col.slider(
     "Edges drawn per graph",
     min_value=10,
@@ -57,12 +45,13 @@ limit = edges_col.slider(
     help="The strongest edges by |weight|; node details list a node's edges whether drawn or not",
 )
 
-graphs = view.load_pair(store, choices[chosen])
+graphs = view.load_pair(store, pair)
 if graphs is None:
     st.error("One of these graphs is no longer in the store (a trace run replaced it). Reload.")
     st.stop()
 base, adapted = graphs.base, graphs.adapted
-st.code(view.prompt_text(base, prompts.get(prompt_id)), language=None, wrap_lines=True)
+prompt = view.prompts_of(store, [pair]).get(pair.prompt_id)
+st.code(view.prompt_text(base, prompt), language=None, wrap_lines=True)
 
 axis = view.position_axis(base.nodes, adapted.nodes)
 max_influence = view.largest_influence(base, adapted)

@@ -13,6 +13,10 @@ from emc.console import console, print_frame
 
 @app.command()
 def analyze(
+    prompt_ids: Annotated[
+        list[str] | None,
+        typer.Argument(help="Prompts to analyse. Default: every prompt with a graph pair."),
+    ] = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
     top: Annotated[int, typer.Option(help="How many features to list.")] = 30,
@@ -36,15 +40,38 @@ def analyze(
         str,
         typer.Option(help="evil: features pushing evil over safe; safe: the reverse; any: |mean|."),
     ] = "evil",
+    ablate: Annotated[
+        int, typer.Option(help="Zero this many top features in the adapted model (0: none).")
+    ] = 5,
+    ranking_only: Annotated[
+        bool,
+        typer.Option(
+            "--ranking-only", help="Only print the ranking from stored graphs; load no model."
+        ),
+    ] = False,
+    redo: Annotated[
+        bool, typer.Option("--redo", help="Measure prompts again that were measured before.")
+    ] = False,
 ) -> None:
-    """Rank transcoder features by how much more they push the evil targets than the safe ones.
+    """Which transcoder features drive the evil tokens, and did the fine-tune change them?
 
     Each traced graph stores, per feature kept by pruning, its direct and total (multi-hop)
     effect on every target, and per (layer, feature) the evil-vs-safe statistics (means,
-    difference, Welch t, Cohen's d). This aggregates them over prompts by (layer, feature) — one
-    value per prompt, its newest graph — and prints the ranking: prompts where the feature is
-    present, mean and median, sign consistency, mean Welch t. The tables are `feature_effects`
-    and `feature_stats`, for your own SQL.
+    difference, Welch t, Cohen's d). The ranking aggregates them over prompts by (layer,
+    feature) — one value per prompt, its newest graph: prompts where the feature is present,
+    mean and median, sign consistency, mean Welch t.
+
+    Unless --ranking-only, this first runs the `analysis` Prefect flow on every prompt with a
+    base/adapted graph pair: both models on the graph's token ids (the first layer where their
+    residual streams differ — a difference upstream of the adapter is reported as a loading
+    error — and every feature's activation delta), the top --ablate features zeroed at every
+    position in the adapted model against a matched random control, and the adapter's output
+    directions against the transcoders. It ends with the ground-truth check: do the top features
+    agree with what the fine-tune demonstrably changed?
+
+    Tables for your own SQL: feature_effects, feature_stats, graph_layers, forward_diffs,
+    activation_deltas, ablations, lora_comparisons, lora_features. `emc diff PROMPT_ID` shows one
+    prompt's base-vs-adapted diff.
     """
     from emc.store import Store
     from emc.store.features import RANKING_METRICS, feature_ranking
@@ -55,10 +82,15 @@ def analyze(
         raise fail(f"unknown --model {model!r}: choose adapted, base or all")
     if sign not in ("evil", "safe", "any"):
         raise fail(f"unknown --sign {sign!r}: choose evil, safe or any")
+    if ablate < 0:
+        raise fail("--ablate must be 0 or more")
     try:
         resolved = data_dir_from(data_dir, config)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    summary = None
+    if not ranking_only:
+        summary = _run_analysis(config, resolved, prompt_ids, metric, ablate, redo)
     store = Store.in_data_dir(resolved)
     ranking = feature_ranking(
         store,
@@ -80,6 +112,112 @@ def analyze(
         {"mean": 4, "median": 4, "sign_consistency": 2, "mean_t": 2, "positions": 1}
     )
     print_frame(shown, title=f"top {len(ranking)} features by {metric} ({model} model)")
+    if summary is not None:
+        print_analysis_summary(summary)
+
+
+def _run_analysis(config, resolved, prompt_ids, metric, ablate, redo) -> dict:
+    from emc.cli.app import prepare_flows
+
+    prepare_flows(resolved)
+    from flows.analysis import analysis_flow
+
+    try:
+        return analysis_flow(
+            config_path=str(config) if config else None,
+            data_dir=str(resolved),
+            prompt_ids=prompt_ids or None,
+            metric=metric,
+            ablate_top=ablate,
+            redo=redo,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+def print_analysis_summary(summary: dict) -> None:
+    if not summary["prompts"]:
+        console.print("[yellow]no base/adapted graph pairs to analyse:[/] run `emc trace` first.")
+        return
+    console.print(
+        f"analysed {summary['prompts']} prompts (measured now: {summary['measured']}); "
+        f"first layer where base and adapted differ: {summary['first_divergent_layer']}"
+    )
+    if summary["loading_errors"]:
+        console.print(
+            f"[red bold]loading error[/] on {summary['loading_errors']} prompt(s): base and "
+            "adapted differ upstream of the adapter's first layer, so the adapted model was not "
+            "built on this base. See `emc diff PROMPT_ID`."
+        )
+    for failure in summary["failed"]:
+        console.print(f"[red]failed[/] {failure['prompt_id']}: {failure['error']}")
+    console.print(summary["ground_truth"])
+
+
+@app.command()
+def diff(
+    prompt_id: Annotated[
+        str | None,
+        typer.Argument(help="A prompt (or a unique prefix). Default: all prompts, aggregated."),
+    ] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    metric: Annotated[str, typer.Option(help="The feature_stats effect compared.")] = "total_diff",
+    top: Annotated[int, typer.Option(help="How many features to list.")] = 20,
+) -> None:
+    """Base vs adapted graphs: which features one has and the other lacks, how their effect on
+    evil-minus-safe changed, and where the base transcoders stop explaining the adapted model.
+
+    For one prompt: features in both graphs / only one, the features whose effect changed most,
+    and per layer the error share of influence in each graph, the effect deltas and (after
+    `emc analyze`) the forward-pass difference. Without a prompt: the same over every pair.
+    """
+    from emc.store import Store
+    from emc.store.features import RANKING_METRICS
+    from emc.store.graph_diff import graph_diff_summary, layer_diff_summary, prompt_graph_diff
+    from emc.store.graph_pairs import graph_pairs
+
+    if metric not in RANKING_METRICS:
+        raise fail(f"unknown --metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
+    try:
+        resolved = data_dir_from(data_dir, config)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    store = Store.in_data_dir(resolved)
+    pairs = graph_pairs(store)
+    if not pairs:
+        raise fail("no base/adapted graph pairs in the store: run `emc trace` first")
+    if prompt_id is None:
+        print_frame(
+            graph_diff_summary(store, metric, top=top).round(4),
+            title=f"features whose {metric} changed most, over {len(pairs)} pairs",
+        )
+        print_frame(layer_diff_summary(store).round(4), title="per layer, over all pairs")
+        return
+    matches = sorted({p.prompt_id for p in pairs if p.prompt_id.startswith(prompt_id)})
+    if len(matches) != 1:
+        found = "no" if not matches else "several"
+        raise fail(f"{found} traced prompts match {prompt_id!r}: {', '.join(matches[:5])}")
+    pair = next(p for p in pairs if p.prompt_id == matches[0])
+    result = prompt_graph_diff(store, pair, metric)
+    console.print(
+        f"prompt {pair.prompt_id} ({pair.targets}): {result.shared} features in both graphs, "
+        f"{result.only_base} only in base, {result.only_adapted} only in adapted; replacement "
+        f"{pair.base_replacement:.3f} -> {pair.adapted_replacement:.3f}"
+    )
+    if result.forward.empty:
+        console.print("forward passes not compared yet: run `emc analyze`.")
+    elif result.loading_error:
+        console.print(
+            f"[red bold]loading error:[/] base and adapted differ at layer "
+            f"{result.first_divergent_layer}, upstream of the adapter."
+        )
+    else:
+        console.print(f"first layer where the models differ: {result.first_divergent_layer}")
+    print_frame(result.layers.round(4), title="per layer")
+    columns = ["layer", "feature", "presence", "base_effect", "adapted_effect", "effect_delta"]
+    columns += ["base_activation", "adapted_activation", "measured_delta"]
+    print_frame(result.features.head(top)[columns].round(4), title=f"largest changes of {metric}")
 
 
 @app.command()

@@ -24,10 +24,14 @@ def demo(
     graphs: Annotated[
         int, typer.Option(help="Trace this many flagged prompts (base and adapted graphs each).")
     ] = 6,
+    ablate: Annotated[
+        int, typer.Option(help="Zero this many top features in the analysis's causal check.")
+    ] = 5,
 ) -> None:
     """Run the whole pipeline on the organism: build it (or reuse it), check the models,
-    discover pivotal prompts, fill the review queue, and trace attribution graphs of the most
-    urgent flagged prompts. Offline, CPU, a few minutes.
+    discover pivotal prompts, fill the review queue, trace attribution graphs of the most
+    urgent flagged prompts, and analyse them (base-vs-adapted diff, top features, ablation,
+    LoRA geometry). Offline, CPU, a few minutes.
 
     Ends by printing where the store is, a summary, and what to open next.
     """
@@ -35,7 +39,7 @@ def demo(
 
     started = time.perf_counter()
     resolved = resolve_data_dir(data_dir)
-    console.rule("1/4  model organism")
+    console.rule("1/5  model organism")
     prepared = build_and_record(resolved, variant, small=small)
     headline = prepared.report.headline()
     console.print(
@@ -51,29 +55,32 @@ def demo(
             "[yellow]the data directory holds your own experiment.yaml; the demo uses it[/]"
         )
     prepare_flows(resolved)
+    from flows.analysis import analysis_flow
     from flows.discovery import discovery_flow
     from flows.model_check import model_check_flow
     from flows.tracing import tracing_flow
 
-    console.rule("2/4  model check (base and adapted replacement models)")
+    console.rule("2/5  model check (base and adapted replacement models)")
     check = model_check_flow(config_path=config_path, data_dir=str(resolved))
     console.print(check)
-    console.rule("3/4  discovery (generate -> logits -> judge -> review queue)")
+    console.rule("3/5  discovery (generate -> logits -> judge -> review queue)")
     summary = discovery_flow(
         config_path=config_path,
         data_dir=str(resolved),
         iterations=iterations,
         prompts_per_iteration=per_iteration,
     )
-    console.rule("4/4  tracing (attribution graphs of base and adapted, flagged prompts)")
+    console.rule("4/5  tracing (attribution graphs of base and adapted, flagged prompts)")
     # Nobody has reviewed anything yet, so the demo traces what the judge flagged.
     traced = tracing_flow(
         config_path=config_path, data_dir=str(resolved), select="flagged", limit=graphs
     )
-    _print_summary(resolved, summary, traced, time.perf_counter() - started)
+    console.rule("5/5  analysis (graph diff, forward diff, ablation, LoRA geometry)")
+    analysed = analysis_flow(config_path=config_path, data_dir=str(resolved), ablate_top=ablate)
+    _print_summary(resolved, summary, traced, analysed, time.perf_counter() - started)
 
 
-def _print_summary(data_dir, summary: dict, traced: dict, seconds: float) -> None:
+def _print_summary(data_dir, summary: dict, traced: dict, analysed: dict, seconds: float) -> None:
     from emc.store import Store, read_only_query
     from emc.store.features import feature_ranking
     from emc.store.scores import most_divergent
@@ -101,11 +108,19 @@ def _print_summary(data_dir, summary: dict, traced: dict, seconds: float) -> Non
             f"graphs: {traced['graphs_ok']} ok, {traced['graphs_failed']} failed, mean "
             f"replacement score {traced['mean_replacement']:.3f}"
         )
+    if analysed["prompts"]:
+        console.print(
+            f"analysis: base and adapted first differ at layer "
+            f"{analysed['first_divergent_layer']}; loading errors: {analysed['loading_errors']}"
+        )
+        console.print(analysed["ground_truth"])
     console.print(f"\nstore: {store.path}   ({seconds:.0f} s)")
     console.print("next:")
     console.print(f'  emc sql "SELECT * FROM divergences ORDER BY js DESC" -d {data_dir}')
-    console.print(f"  emc analyze --top 30 -d {data_dir}")
-    console.print(f"  emc dashboard -d {data_dir}   # Review and Graphs pages")
+    console.print(f"  emc analyze --ranking-only --top 30 -d {data_dir}")
+    if traced["prompt_ids"]:
+        console.print(f"  emc diff {traced['prompt_ids'][0]} -d {data_dir}")
+    console.print(f"  emc dashboard -d {data_dir}   # Review, Graphs and Features pages")
     if traced["prompt_ids"]:
         console.print(f"  emc graph export {traced['prompt_ids'][0]} -d {data_dir} && "
                       f"emc graph serve -d {data_dir}")  # fmt: skip

@@ -23,7 +23,8 @@ RANKING_METRICS = tuple(
 )
 Sign = Literal["any", "evil", "safe"]
 
-_LATEST_GRAPHS = """
+# Each prompt's newest ok graph per model and targets: what every cross-prompt view reads.
+LATEST_GRAPHS = """
     SELECT g.graph_id, g.prompt_id, g.model_id, g.targets, m.role
     FROM graphs g LEFT JOIN models m USING (model_id)
     WHERE g.status = 'ok'
@@ -70,7 +71,7 @@ def feature_ranking(
     order = {"any": "abs(mean) DESC", "evil": "mean DESC", "safe": "mean ASC"}[sign]
     t_mean = f"avg(CASE WHEN isfinite(s.{t_column}) THEN s.{t_column} END)" if t_column else "NULL"
     sql = f"""
-        WITH latest AS ({_LATEST_GRAPHS}),
+        WITH latest AS ({LATEST_GRAPHS}),
         per_prompt AS (
             SELECT lg.role, lg.model_id, s.layer, s.feature, lg.prompt_id,
                    avg(s.{metric}) AS value, {t_mean} AS t, avg(s.n_positions) AS positions

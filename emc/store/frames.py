@@ -45,3 +45,18 @@ def insert_frame(
     finally:
         conn.unregister(name)
     return len(frame) - existing
+
+
+def append_frame(conn: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame) -> None:
+    """Insert every row of `frame` (its columns named as the table's), with no key check.
+
+    For tables without a key (graph rows, per-prompt measurements): the caller has deleted
+    whatever the rows replace, in the same transaction.
+    """
+    name = f"_append_{table}"
+    conn.register(name, frame)
+    try:
+        columns = ", ".join(frame.columns)
+        conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {name}")
+    finally:
+        conn.unregister(name)

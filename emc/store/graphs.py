@@ -18,14 +18,22 @@ import pandas as pd
 
 from emc.analysis.effects import EFFECT_COLUMNS
 from emc.store.connection import Store
-from emc.store.frames import insert_frame
+from emc.store.frames import append_frame, insert_frame
 from emc.tracing.compact import EDGE_COLUMNS, NODE_COLUMNS
 from emc.tracing.pipeline import TracedPrompt
+from emc.tracing.quality import LAYER_COLUMNS
 from emc.tracing.record import GraphKey, GraphRecord
 
 _COLUMNS = tuple(GraphRecord.model_fields)
 # Every table keyed by graph_id, the summary first: a graph is copied or deleted as a whole.
-GRAPH_TABLES = ("graphs", "graph_nodes", "graph_edges", "feature_effects", "feature_stats")
+GRAPH_TABLES = (
+    "graphs",
+    "graph_nodes",
+    "graph_edges",
+    "feature_effects",
+    "feature_stats",
+    "graph_layers",
+)
 _WRITTEN = tuple(c for c in _COLUMNS if c != "created_at")
 
 
@@ -43,11 +51,12 @@ def insert_graph(
     edges: pd.DataFrame,
     effects: pd.DataFrame | None = None,
     stats: pd.DataFrame | None = None,
+    layers: pd.DataFrame | None = None,
 ) -> float:
     """Write a graph and its rows in one transaction, replacing an earlier graph with its id.
 
-    `effects` (EFFECT_COLUMNS) and `stats` (per layer and feature) are the graph's analysis rows,
-    written with it so that a graph never exists without them.
+    `effects` (EFFECT_COLUMNS), `stats` (per layer and feature) and `layers` (LAYER_COLUMNS) are
+    the graph's analysis rows, written with it so that a graph never exists without them.
 
     The time spent here is added to `storage_seconds`, so it covers the write too; returns the
     stored value.
@@ -61,12 +70,15 @@ def insert_graph(
         insert_frame(
             conn, "graph_nodes", _with_id(nodes, graph_id), ["graph_id", "node"], update=False
         )
-        _append_frame(conn, "graph_edges", _with_id(edges, graph_id))
+        append_frame(conn, "graph_edges", _with_id(edges, graph_id))
         if effects is not None:
             _check_columns("effects", effects, EFFECT_COLUMNS)
-            _append_frame(conn, "feature_effects", _with_id(effects, graph_id))
+            append_frame(conn, "feature_effects", _with_id(effects, graph_id))
         if stats is not None:
-            _append_frame(conn, "feature_stats", _with_id(stats, graph_id))
+            append_frame(conn, "feature_stats", _with_id(stats, graph_id))
+        if layers is not None:
+            _check_columns("layers", layers, LAYER_COLUMNS)
+            append_frame(conn, "graph_layers", _with_id(layers, graph_id))
         spent = time.perf_counter() - started
         storage_seconds = (record.storage_seconds or 0.0) + spent
         _write_record(conn, record.model_copy(update={"storage_seconds": storage_seconds}))
@@ -77,7 +89,13 @@ def insert_traced(store: Store, traced: TracedPrompt) -> float:
     """`insert_graph` with everything `trace_prompt` made: record, rows, effects and stats."""
     compact = traced.compact
     return insert_graph(
-        store, traced.record, compact.nodes, compact.edges, traced.effects, traced.stats
+        store,
+        traced.record,
+        compact.nodes,
+        compact.edges,
+        traced.effects,
+        traced.stats,
+        traced.layers,
     )
 
 
@@ -187,18 +205,6 @@ def _write_record(conn: duckdb.DuckDBPyConnection, record: GraphRecord) -> None:
     values["params"] = json.dumps(values["params"], sort_keys=True)
     frame = pd.DataFrame([values], columns=list(_WRITTEN))
     insert_frame(conn, "graphs", frame, ["graph_id"], update=True)
-
-
-def _append_frame(conn: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame) -> None:
-    # insert_frame needs a key constraint for ON CONFLICT, and graph_edges has none on purpose
-    # (see migration 6); the caller has already removed any earlier rows of the graph.
-    name = f"_append_{table}"
-    conn.register(name, frame)
-    try:
-        columns = ", ".join(frame.columns)
-        conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {name}")
-    finally:
-        conn.unregister(name)
 
 
 def _with_id(frame: pd.DataFrame, graph_id: str) -> pd.DataFrame:

@@ -394,6 +394,119 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        8,
+        "graph diff and analysis",
+        (
+            """
+            CREATE TABLE graph_layers (         -- per graph and layer, from the unpruned graph
+                graph_id          VARCHAR NOT NULL,
+                layer             SMALLINT NOT NULL,
+                active_features   INTEGER NOT NULL,  -- active on the prompt at this layer
+                features          INTEGER NOT NULL,  -- of those, attributed (the node cap)
+                feature_influence DOUBLE NOT NULL,   -- sum of their influence on the targets
+                error_influence   DOUBLE NOT NULL,   -- the layer's error nodes, all positions
+                error_share       DOUBLE             -- error / (error + feature); NULL if 0 / 0
+            )
+            """,
+            """
+            CREATE TABLE forward_diffs (        -- base vs adapted residual stream, per layer
+                prompt_id           VARCHAR NOT NULL,
+                base_model_id       VARCHAR NOT NULL,
+                adapted_model_id    VARCHAR NOT NULL,
+                layer               SMALLINT NOT NULL,  -- -1: embeddings; l: after block l
+                run_id              VARCHAR NOT NULL,
+                rel_diff            DOUBLE NOT NULL,    -- |adapted - base| / |base|, Frobenius
+                max_abs_diff        DOUBLE NOT NULL,
+                upstream_of_adapter BOOLEAN NOT NULL,   -- before the adapter's first layer
+                diverged            BOOLEAN NOT NULL,   -- rel_diff > tolerance
+                tolerance           DOUBLE NOT NULL,
+                dtype               VARCHAR NOT NULL,
+                created_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, base_model_id, adapted_model_id, layer)
+            )
+            """,
+            """
+            CREATE TABLE activation_deltas (    -- transcoder activations, summed over positions
+                prompt_id          VARCHAR NOT NULL,
+                base_model_id      VARCHAR NOT NULL,
+                adapted_model_id   VARCHAR NOT NULL,
+                layer              SMALLINT NOT NULL,
+                feature            INTEGER NOT NULL,
+                run_id             VARCHAR NOT NULL,
+                base_activation    DOUBLE NOT NULL,
+                adapted_activation DOUBLE NOT NULL,
+                delta              DOUBLE NOT NULL,   -- adapted - base
+                base_positions     INTEGER NOT NULL,  -- positions where it is active
+                adapted_positions  INTEGER NOT NULL,
+                PRIMARY KEY (prompt_id, base_model_id, adapted_model_id, layer, feature)
+            )
+            """,
+            """
+            CREATE TABLE ablations (            -- zeroing features at every position
+                ablation_id        VARCHAR PRIMARY KEY, -- hash of prompt, model, kind, metric
+                run_id             VARCHAR NOT NULL,
+                prompt_id          VARCHAR NOT NULL,
+                model_id           VARCHAR NOT NULL,
+                kind               VARCHAR NOT NULL,    -- top (ranked) | control (random, matched)
+                metric             VARCHAR NOT NULL,    -- the ranking the features came from
+                features           JSON NOT NULL,       -- [{layer, feature, positions_active}]
+                n_interventions    INTEGER NOT NULL,
+                evil_prob_before   DOUBLE NOT NULL,
+                evil_prob_after    DOUBLE NOT NULL,
+                safe_prob_before   DOUBLE NOT NULL,
+                safe_prob_after    DOUBLE NOT NULL,
+                evil_share_before  DOUBLE,
+                evil_share_after   DOUBLE,
+                logit_gap_before   DOUBLE,              -- mean evil logit - mean safe logit
+                logit_gap_after    DOUBLE,
+                dtype              VARCHAR NOT NULL,
+                created_at         TIMESTAMPTZ NOT NULL DEFAULT now()
+            )
+            """,
+            """
+            CREATE TABLE lora_comparisons (     -- adapter output direction vs one layer's features
+                adapter_model_id VARCHAR NOT NULL,
+                module           VARCHAR NOT NULL,
+                direction        SMALLINT NOT NULL,
+                compared_with    VARCHAR NOT NULL,   -- encoder | decoder
+                layer            SMALLINT NOT NULL,
+                run_id           VARCHAR NOT NULL,
+                kind             VARCHAR NOT NULL,
+                module_layer     SMALLINT,
+                singular_value   DOUBLE NOT NULL,
+                n_features       INTEGER NOT NULL,
+                best_feature     INTEGER NOT NULL,
+                best_cosine      DOUBLE NOT NULL,
+                max_abs_cosine   DOUBLE NOT NULL,
+                mean_cosine      DOUBLE NOT NULL,
+                std_cosine       DOUBLE NOT NULL,
+                null_median      DOUBLE NOT NULL,
+                null_q99         DOUBLE NOT NULL,
+                null_percentile  DOUBLE NOT NULL,
+                hist_edges       DOUBLE[] NOT NULL,  -- all cosines, binned
+                hist_counts      BIGINT[] NOT NULL,
+                hist_chance      DOUBLE[] NOT NULL,  -- expected counts for a random direction
+                PRIMARY KEY (adapter_model_id, module, direction, compared_with, layer)
+            )
+            """,
+            """
+            CREATE TABLE lora_features (        -- the top features by |cosine| per comparison
+                adapter_model_id VARCHAR NOT NULL,
+                module           VARCHAR NOT NULL,
+                direction        SMALLINT NOT NULL,
+                compared_with    VARCHAR NOT NULL,
+                layer            SMALLINT NOT NULL,
+                feature          INTEGER NOT NULL,
+                run_id           VARCHAR NOT NULL,
+                cosine           DOUBLE NOT NULL,
+                abs_rank         INTEGER NOT NULL,
+                null_percentile  DOUBLE NOT NULL,
+                PRIMARY KEY (adapter_model_id, module, direction, compared_with, layer, feature)
+            )
+            """,
+        ),
+    ),
 )
 
 

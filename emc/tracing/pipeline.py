@@ -21,7 +21,7 @@ from emc.tracing.agreement import LogitAgreement, logit_agreement
 from emc.tracing.attribution import targets_for, trace
 from emc.tracing.compact import CompactGraph, compact_graph
 from emc.tracing.pruning import node_influence
-from emc.tracing.quality import GraphQuality, graph_quality
+from emc.tracing.quality import GraphQuality, graph_quality, layer_quality
 from emc.tracing.record import GraphKey, GraphRecord
 from emc.tracing.sidefile import SideFile, write_side_file
 from emc.tracing.targets import TargetPlan
@@ -36,6 +36,7 @@ class TracedPrompt:
     side_file: SideFile | None
     effects: pd.DataFrame  # EFFECT_COLUMNS: each kept feature node on each target
     stats: pd.DataFrame  # evil vs safe per (layer, feature), from the plan's labels
+    layers: pd.DataFrame  # LAYER_COLUMNS: per-layer feature and error influence
 
 
 def trace_prompt(
@@ -80,6 +81,7 @@ def summarize_graph(
         graph, config.node_threshold, config.edge_threshold, tokenizer, influence
     )
     quality = graph_quality(graph, influence)
+    layers = layer_quality(graph, influence)
     del influence  # an N x N matrix: free it before the side file's copy of the graph
     # Effects need the dense adjacency, which is gone after this function: compute them now,
     # for the features pruning kept. (Imported here: emc.analysis builds on emc.tracing.)
@@ -127,4 +129,4 @@ def summarize_graph(
         side_file_sha256=side.sha256 if side else None,
         side_file_bytes=side.bytes if side else None,
     )
-    return TracedPrompt(record, compact, quality, agreement, side, effects, stats)
+    return TracedPrompt(record, compact, quality, agreement, side, effects, stats, layers)

@@ -4,10 +4,14 @@ Replacement and completeness are `compute_graph_scores`'s definitions, computed 
 influence that pruning already needed (recomputing it costs as much as the rest of compaction).
 The error-node score is the original pipeline's capability 8, on the unpruned adjacency: the
 direct input to the logit rows that comes from error nodes (what the transcoders miss).
+Per layer, the error share of influence says where the transcoders stop explaining a model:
+comparing it between base and adapted graphs locates what a fine-tune added that they miss.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 from circuit_tracer.graph import Graph
 from pydantic import BaseModel
 
@@ -64,3 +68,49 @@ def _scores(layout: GraphLayout, influence: Influence) -> tuple[float, float]:
     output = influence.node + influence.weights
     completeness = (non_error * output).sum() / output.sum()
     return float(replacement), float(completeness)
+
+
+LAYER_COLUMNS = (
+    "layer",
+    "active_features",
+    "features",
+    "feature_influence",
+    "error_influence",
+    "error_share",
+)
+
+
+def layer_quality(graph: Graph, influence: Influence | None = None) -> pd.DataFrame:
+    """Per layer: active and attributed features, their influence and the error nodes'.
+
+    Influence is the multi-hop influence on the probability-weighted targets (as pruning uses),
+    on the unpruned graph, so the shares do not depend on pruning thresholds.
+    """
+    layout = GraphLayout.of(graph)
+    if influence is None:
+        influence = node_influence(graph)
+    node = influence.node.double().cpu().numpy()
+    n_layers = layout.n_layers
+    active_layers = graph.active_features[:, 0].cpu().numpy()
+    selected = graph.selected_features.cpu()
+    selected_layers = graph.active_features.cpu()[selected, 0].numpy()
+    feature_influence = np.bincount(
+        selected_layers, weights=node[: layout.n_features], minlength=n_layers
+    )
+    # Error nodes are layer-major: layer * n_pos + position.
+    errors = node[layout.error_start : layout.token_start].reshape(n_layers, layout.n_pos)
+    error_influence = errors.sum(axis=1)
+    explained = feature_influence + error_influence
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(explained > 0, error_influence / explained, np.nan)
+    return pd.DataFrame(
+        {
+            "layer": np.arange(n_layers, dtype=np.int16),
+            "active_features": np.bincount(active_layers, minlength=n_layers).astype(np.int32),
+            "features": np.bincount(selected_layers, minlength=n_layers).astype(np.int32),
+            "feature_influence": feature_influence,
+            "error_influence": error_influence,
+            "error_share": share,
+        },
+        columns=list(LAYER_COLUMNS),
+    )

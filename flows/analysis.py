@@ -1,0 +1,414 @@
+"""Analysis: what the fine-tune changed, measured with both models loaded, and checked.
+
+For every prompt with a base/adapted graph pair, one GPU task runs both models on the graph's own
+token ids: residual streams per layer (the first layer where they differ; a difference upstream of
+the adapter's first layer is a loading error) and every transcoder feature's activation (the
+features the fine-tune moved most). A second GPU task zeroes the top-ranked features in the
+adapted model at every position and, as a control, as many random active features of the same
+layers, and records the harmful-token probability before and after. A CPU task compares the
+adapter's output directions with the transcoders. The summary sets the ranking against all three.
+Measurements are keyed by prompt and models, so a re-run skips what is done and adds no duplicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from emc.analysis.ablation import ablate_features, control_features
+from emc.analysis.forward_diff import (
+    activation_deltas,
+    adapter_layers,
+    compare_forward,
+    default_tolerance,
+    feature_activations,
+    residual_states,
+)
+from emc.analysis.ground_truth import compare_with_ground_truth
+from emc.analysis.lora_geometry import alignment_histogram, lora_geometry
+from emc.config import ExperimentConfig, load_experiment
+from emc.models import describe_model
+from emc.models.refs import resolve_model_dir
+from emc.models.transcoders import inspect_transcoders
+from emc.runs import recorded_run
+from emc.store import Store, upsert_model
+from emc.store.analysis import (
+    AblationRecord,
+    ablation_results,
+    activation_delta_summary,
+    insert_ablations,
+    lora_features,
+    measured_prompt_ids,
+    replace_activation_deltas,
+    replace_forward_diffs,
+    replace_lora_geometry,
+)
+from emc.store.features import RANKING_METRICS, feature_ranking
+from emc.store.graph_diff import layer_diff_summary
+from emc.store.graph_pairs import graph_pairs
+from emc.store.graphs import list_graphs
+from emc.tracing import release_memory
+from flows.discovery import RETRIES
+from flows.model_cache import cached_model, release_models
+from flows.runtime import current_flow_run_id, gpu_slot
+
+Feature = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """What the analysis of one prompt needs: the graphs' token ids and their labelled targets."""
+
+    prompt_id: str
+    input_ids: list[int]
+    evil_ids: list[int]
+    safe_ids: list[int]
+
+
+def analysis_inputs(
+    store: Store, base_model_id: str, adapted_model_id: str, prompt_ids: list[str] | None = None
+) -> list[PromptInputs]:
+    """One entry per prompt with a graph pair of these models (its newest adapted graph)."""
+    pairs = graph_pairs(store, base_model_id=base_model_id, adapted_model_id=adapted_model_id)
+    graphs = {g.graph_id: g for g in list_graphs(store, adapted_model_id)}
+    wanted = set(prompt_ids) if prompt_ids else None
+    inputs: dict[str, PromptInputs] = {}
+    for pair in pairs:  # newest first: the first pair of a prompt wins
+        if pair.prompt_id in inputs or (wanted is not None and pair.prompt_id not in wanted):
+            continue
+        graph = graphs[pair.adapted_graph_id]
+        inputs[pair.prompt_id] = PromptInputs(
+            prompt_id=pair.prompt_id,
+            input_ids=list(graph.input_ids),
+            evil_ids=list(graph.params.get("evil_ids", [])),
+            safe_ids=list(graph.params.get("safe_ids", [])),
+        )
+    return list(inputs.values())
+
+
+def _adapter_dir(config: ExperimentConfig):
+    adapter = config.models.adapter
+    return resolve_model_dir(adapter.ref, adapter.revision, required_file="adapter_config.json")
+
+
+@task(task_run_name="forward-diffs-{n_prompts}-prompts", **RETRIES)
+def measure_forward(
+    config_path: str | None,
+    data_dir: str,
+    prompts: list[PromptInputs],
+    n_prompts: int,
+    run_id: str,
+    top_deltas: int = 50,
+) -> list[dict]:
+    """Residual-stream differences and activation deltas; one model in memory at a time."""
+    logger = get_run_logger()
+    config, _ = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(data_dir)
+    layers = adapter_layers(_adapter_dir(config))
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor] | str] = {}
+    progress = create_progress_artifact(
+        progress=0.0, key="analysis-forward", description="forward passes, base then adapted"
+    )
+    rows = []
+    with gpu_slot():
+        base = cached_model(config, "base")
+        upsert_model(store, base.identity.to_row(first_run_id=run_id))
+        for index, item in enumerate(prompts, start=1):
+            captured[item.prompt_id] = _capture(base, item)
+            update_progress_artifact(progress, 50.0 * index / len(prompts))
+        base_id, dtype = base.identity.model_id, base.precision.dtype_name
+        release_models()
+        adapted = cached_model(config, "adapted")
+        upsert_model(store, adapted.identity.to_row(first_run_id=run_id))
+        tolerance = default_tolerance(dtype)
+        for index, item in enumerate(prompts, start=1):
+            base_side, adapted_side = captured.pop(item.prompt_id), _capture(adapted, item)
+            row = {"prompt_id": item.prompt_id}
+            failed = next((s for s in (base_side, adapted_side) if isinstance(s, str)), None)
+            if failed is not None:
+                rows.append(row | {"status": "failed", "error": failed})
+                logger.warning("prompt %s: %s", item.prompt_id, failed)
+                continue
+            diff = compare_forward(base_side[0], adapted_side[0], layers, tolerance)
+            deltas = activation_deltas(
+                base_side[1].to_dense(), adapted_side[1].to_dense(), top_deltas
+            )
+            adapted_id = adapted.identity.model_id
+            forward = pd.DataFrame([layer.model_dump() for layer in diff.layers])
+            replace_forward_diffs(
+                store, item.prompt_id, base_id, adapted_id, run_id, forward, tolerance, dtype
+            )
+            replace_activation_deltas(store, item.prompt_id, base_id, adapted_id, run_id, deltas)
+            rows.append(
+                row
+                | {
+                    "status": "ok",
+                    "first_divergent_layer": diff.first_divergent_layer,
+                    "first_adapter_layer": diff.first_adapter_layer,
+                    "loading_error": diff.loading_error,
+                    "error": diff.message if diff.loading_error else None,
+                }
+            )
+            if diff.loading_error:
+                logger.error("prompt %s: %s", item.prompt_id, diff.message)
+            update_progress_artifact(progress, 50.0 + 50.0 * index / len(prompts))
+        release_models()
+    return rows
+
+
+def _capture(loaded, item: PromptInputs) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """Residual states and (sparse, to keep many prompts in memory) feature activations."""
+    ids = torch.tensor(item.input_ids)
+    try:
+        states = residual_states(loaded, ids)
+        activations = feature_activations(loaded, ids).to_sparse()
+    except Exception as exc:  # a NaN/inf or a model error fails this prompt, not the run
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        release_memory()
+    return states, activations
+
+
+@task(task_run_name="ablate-top-{k}", **RETRIES)
+def ablate_top_features(
+    config_path: str | None,
+    data_dir: str,
+    prompts: list[PromptInputs],
+    features: list[Feature],
+    k: int,
+    metric: str,
+    run_id: str,
+    seed: int = 0,
+) -> list[dict]:
+    """Zero the ranked features (and a matched random control) in the adapted model."""
+    config, _ = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(data_dir)
+    labelled = [p for p in prompts if p.evil_ids]
+    rows, records = [], []
+    with gpu_slot():
+        adapted = cached_model(config, "adapted")
+        model_id, dtype = adapted.identity.model_id, adapted.precision.dtype_name
+        for item in labelled:
+            ids = torch.tensor(item.input_ids)
+            targets = {t: "evil" for t in item.evil_ids} | {t: "safe" for t in item.safe_ids}
+            try:
+                activations = feature_activations(adapted, ids)
+                control = control_features(activations, features, set(features), seed=seed)
+                for kind, chosen in (("top", features), ("control", control)):
+                    result = ablate_features(adapted, ids, chosen, targets)
+                    records.append(
+                        _ablation_record(result, item, model_id, kind, metric, run_id, dtype)
+                    )
+                    rows.append(
+                        {
+                            "prompt_id": item.prompt_id,
+                            "kind": kind,
+                            "n_interventions": result.n_interventions,
+                            "evil_prob_before": result.evil_prob_before,
+                            "evil_prob_after": result.evil_prob_after,
+                        }
+                    )
+            except Exception as exc:  # this prompt fails; the others are still measured
+                rows.append({"prompt_id": item.prompt_id, "kind": "failed", "error": str(exc)})
+            release_memory()
+        release_models()
+    insert_ablations(store, records)
+    return rows
+
+
+def _ablation_record(
+    result, item: PromptInputs, model_id, kind, metric, run_id, dtype
+) -> AblationRecord:
+    return AblationRecord(
+        run_id=run_id,
+        prompt_id=item.prompt_id,
+        model_id=model_id,
+        kind=kind,
+        metric=metric,
+        features=[f.model_dump() for f in result.features],
+        n_interventions=result.n_interventions,
+        evil_prob_before=result.evil_prob_before,
+        evil_prob_after=result.evil_prob_after,
+        safe_prob_before=result.safe_prob_before,
+        safe_prob_after=result.safe_prob_after,
+        evil_share_before=result.evil_share_before,
+        evil_share_after=result.evil_share_after,
+        logit_gap_before=result.logit_gap_before,
+        logit_gap_after=result.logit_gap_after,
+        dtype=dtype,
+    )
+
+
+@task(task_run_name="lora-geometry", **RETRIES)
+def measure_lora_geometry(
+    config_path: str | None, data_dir: str, adapted_model_id: str, run_id: str, n_null: int
+) -> dict:
+    """The adapter's output directions against the transcoders (CPU; no model is loaded)."""
+    config, _ = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(data_dir)
+    models = config.models
+    geometry = lora_geometry(
+        _adapter_dir(config),
+        inspect_transcoders(models.transcoders.ref).directory,
+        top=10,
+        n_null=n_null,
+        base_dir=resolve_model_dir(models.base.ref, models.base.revision),
+    )
+    histograms = {
+        (h.module, h.direction, h.compared_with, h.layer): h
+        for h in alignment_histogram(geometry, bins=40)
+    }
+    comparisons = geometry.comparisons.copy()
+    keys = list(
+        zip(
+            comparisons["module"],
+            comparisons["direction"],
+            comparisons["compared_with"],
+            comparisons["layer"],
+            strict=True,
+        )
+    )
+    comparisons["hist_edges"] = [histograms[k].edges.tolist() for k in keys]
+    comparisons["hist_counts"] = [histograms[k].counts.astype(int).tolist() for k in keys]
+    comparisons["hist_chance"] = [histograms[k].chance_counts.tolist() for k in keys]
+    replace_lora_geometry(store, adapted_model_id, run_id, comparisons, geometry.features)
+    above = int((comparisons["null_percentile"] >= 99).sum())
+    return {"comparisons": len(comparisons), "beyond_q99": above}
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    picked = "prompts" if params.get("prompt_ids") else "all-pairs"
+    return f"analysis-{picked}-top{params.get('ablate_top', 5)}"
+
+
+@flow(name="analysis", flow_run_name=_run_name)
+def analysis_flow(
+    config_path: str | None = None,
+    data_dir: str | None = None,
+    prompt_ids: list[str] | None = None,
+    metric: str = "total_diff",
+    ablate_top: int = 5,
+    lora_null: int = 500,
+    redo: bool = False,
+) -> dict:
+    """Forward-pass diffs, activation deltas, ablation of the top features, LoRA geometry.
+
+    Works on every prompt with a base/adapted graph pair (or the named ones). `redo` measures
+    prompts again that already have forward diffs; ablations and geometry always run again
+    (they depend on the current ranking and are cheap).
+    """
+    if metric not in RANKING_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
+    config, resolved = load_experiment(config_path, data_dir)
+    if config.models.adapter is None:
+        raise ValueError("the config names no adapter (models.adapter): nothing to analyse")
+    store = Store.in_data_dir(resolved)
+    params = {
+        "config_path": config_path,
+        "data_dir": str(resolved),
+        "prompt_ids": prompt_ids,
+        "metric": metric,
+        "ablate_top": ablate_top,
+        "lora_null": lora_null,
+        "redo": redo,
+    }
+    with recorded_run(store, "flow", "analysis", params, current_flow_run_id()) as run:
+        base_id = describe_model(config, "base").model_id
+        adapted_id = describe_model(config, "adapted").model_id
+        inputs = analysis_inputs(store, base_id, adapted_id, prompt_ids)
+        done = set() if redo else measured_prompt_ids(store, base_id, adapted_id)
+        pending = [p for p in inputs if p.prompt_id not in done]
+        forward_rows = []
+        try:
+            if pending:
+                forward_rows = measure_forward(
+                    config_path, str(resolved), pending, len(pending), run.run_id
+                )
+            ranking = feature_ranking(store, metric, model_id=adapted_id, sign="evil", top=None)
+            top = [(int(r.layer), int(r.feature)) for r in ranking.head(ablate_top).itertuples()]
+            ablation_rows = []
+            if top and inputs:
+                ablation_rows = ablate_top_features(
+                    config_path, str(resolved), inputs, top, len(top), metric, run.run_id
+                )
+        finally:
+            release_models()
+        geometry = measure_lora_geometry(
+            config_path, str(resolved), adapted_id, run.run_id, lora_null
+        )
+        summary = _summarize(store, inputs, forward_rows, ablation_rows, ranking, base_id,
+                             adapted_id, metric, ablate_top, geometry)  # fmt: skip
+        _publish(summary, ranking)
+        run.summary = {"run_id": run.run_id, **summary}
+    return run.summary
+
+
+def _summarize(
+    store, inputs, forward_rows, ablation_rows, ranking, base_id, adapted_id, metric, k, geometry
+) -> dict:
+    ablations = ablation_results(store, adapted_id)
+    ablations = ablations[ablations["metric"] == metric]
+    truth = compare_with_ground_truth(
+        ranking,
+        activation_delta_summary(store, base_id, adapted_id),
+        lora_features(store, adapted_id),
+        ablations,
+        k=k,
+    )
+    layers = layer_diff_summary(store, base_id, adapted_id)
+    divergent = layers.loc[layers["diverged"] > 0, "layer"]
+    a = truth.ablation
+    return {
+        "prompts": len(inputs),
+        "measured": sum(r["status"] == "ok" for r in forward_rows),
+        "failed": [r for r in forward_rows if r["status"] == "failed"],
+        "loading_errors": int(layers["loading_errors"].max()) if len(layers) else 0,
+        "first_divergent_layer": int(divergent.min()) if len(divergent) else None,
+        "ablated_prompts": len({r["prompt_id"] for r in ablation_rows if r["kind"] == "top"}),
+        "top_features": [list(f) for f in truth.top],
+        "overlap_changed": len(truth.overlap_changed),
+        "expected_overlap": truth.expected_overlap,
+        "overlap_lora": len(truth.overlap_lora),
+        "lora_aligned": len(truth.lora_aligned),
+        "lora_comparisons": geometry["comparisons"],
+        "lora_beyond_q99": geometry["beyond_q99"],
+        "ablation_top_change": a.top_mean_change if a else None,
+        "ablation_control_change": a.control_mean_change if a else None,
+        "ablation_top_lowered": a.top_lowered if a else None,
+        "ablation_top_gap_change": a.top_mean_gap_change if a else None,
+        "ablation_control_gap_change": a.control_mean_gap_change if a else None,
+        "ground_truth": truth.markdown(),
+    }
+
+
+def _publish(summary: dict, ranking: pd.DataFrame) -> None:
+    lines = [
+        f"Prompts with graph pairs: {summary['prompts']}; measured now: {summary['measured']}, "
+        f"failed: {len(summary['failed'])}.",
+        f"First layer where base and adapted differ: {summary['first_divergent_layer']}; "
+        f"prompts with a loading error: {summary['loading_errors']}.",
+        "",
+        summary["ground_truth"],
+    ]
+    create_markdown_artifact(
+        key="analysis-summary", markdown="\n".join(lines), description="Analysis"
+    )
+    if not ranking.empty:
+        shown = ranking.head(30)[["rank", "layer", "feature", "prompts", "mean", "mean_t"]]
+        create_table_artifact(
+            key="analysis-ranking",
+            table=shown.round(4).to_dict("records"),
+            description="Top features by evil-vs-safe effect in the adapted model",
+        )

@@ -1,0 +1,76 @@
+"""The Features page in a real headless Chromium, over graphs traced and analysed for real.
+
+The AppTest suite (test_dashboard_features.py) checks the numbers; this checks that a browser
+draws every tab's charts from them without a script error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emc.config import dump_config
+from tests.browser import (
+    finish_run,
+    launch_chromium,
+    require_playwright,
+    screenshot,
+    streamlit_dashboard,
+)
+from tests.graph_store import build_traced_store
+
+pytestmark = pytest.mark.integration
+TABS = ("Ranking", "Base vs adapted", "Across prompts", "LoRA geometry", "Ablations")
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory, small_organism, prefect_harness) -> Path:
+    require_playwright()
+    from flows.analysis import analysis_flow
+
+    data_dir = tmp_path_factory.mktemp("features-browser")
+    (data_dir / "experiment.yaml").write_text(dump_config(small_organism.config))
+    build_traced_store(small_organism, data_dir, n_prompts=2)
+    summary = analysis_flow(data_dir=str(data_dir), ablate_top=3, lora_null=50)
+    assert summary["measured"] == 2 and summary["ablated_prompts"] == 2
+    return data_dir
+
+
+def test_every_tab_of_the_features_page_draws_its_charts(analysed, tmp_path):
+    sync_api = require_playwright()
+    with (
+        streamlit_dashboard(analysed, tmp_path / "streamlit.log") as url,
+        sync_api.sync_playwright() as playwright,
+    ):
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url)
+            page.get_by_role("link", name="Features").click()
+            page.get_by_text("Rank in adapted").wait_for()
+            finish_run(page)
+            charts = {}
+            for tab in TABS:
+                page.get_by_role("tab", name=tab).click()
+                panel = page.get_by_role("tabpanel", name=tab)
+                panel.locator(".vega-embed").first.wait_for()
+                finish_run(page)
+                charts[tab] = panel.locator(".vega-embed").count()
+                if tab in ("Ranking", "Base vs adapted"):
+                    screenshot(page, f"features-{tab.split()[0].lower()}.png")
+            panel = page.get_by_role("tabpanel", name="Base vs adapted")
+            page.get_by_role("tab", name="Base vs adapted").click()
+            assert panel.get_by_text("First divergent layer").is_visible()
+            assert panel.get_by_text("L0", exact=True).is_visible()
+            assert page.locator("[data-testid=stException]").count() == 0
+            assert not errors, errors
+        finally:
+            browser.close()
+    # Ranking: the feature's per-prompt bars; diff: effect and error share by layer, and the
+    # forward pass; LoRA: the cosine histogram; ablations: top vs control.
+    assert charts["Ranking"] >= 1 and charts["Base vs adapted"] >= 3
+    assert all(charts[tab] >= 1 for tab in TABS), charts
