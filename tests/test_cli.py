@@ -62,3 +62,10 @@ def test_help_teaches(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "--data-dir" in result.output or "Commands" in result.output
+
+
+def test_prefect_setup_needs_a_server_and_says_how_to_start_one(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["prefect", "setup"])
+    assert result.exit_code == 2
+    assert "PREFECT_API_URL is not set" in result.output and "prefect server start" in result.output

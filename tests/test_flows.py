@@ -101,3 +101,17 @@ def test_bad_input_is_not_retried_but_transient_errors_are(error, attempts_expec
 
     assert wrapper(return_state=True).is_failed()
     assert len(attempts) == attempts_expected
+
+
+def test_the_pipeline_without_a_config_or_an_organism_is_a_clear_error(tmp_path):
+    from flows.pipeline import pipeline_flow
+
+    with pytest.raises(ValueError, match="no config: pass config_path, or organism=default"):
+        pipeline_flow(data_dir=str(tmp_path / "empty"), organism=None)
+
+
+def test_the_organism_flow_refuses_an_unknown_variant(tmp_path):
+    from flows.organism import organism_flow
+
+    with pytest.raises(ValueError, match="unknown organism variant 'huge'"):
+        organism_flow(data_dir=str(tmp_path), variant="huge")

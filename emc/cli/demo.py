@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from emc.cli.app import DataDirOption, app, prepare_flows
-from emc.cli.organism import VariantOption, build_and_record
+from emc.cli.app import DataDirOption, app, fail, prepare_flows
+from emc.cli.organism import VariantOption
 from emc.config import resolve_data_dir
 from emc.console import console, print_frame
 
@@ -37,65 +37,52 @@ def demo(
     """
     import time
 
+    if variant not in ("default", "subtle"):
+        raise fail(f"unknown variant {variant!r}: choose default or subtle")
     started = time.perf_counter()
     resolved = resolve_data_dir(data_dir)
-    console.rule("1/5  model organism")
-    prepared = build_and_record(resolved, variant, small=small)
-    headline = prepared.report.headline()
-    console.print(
-        f"organism {prepared.artifacts.recipe_hash} "
-        f"({'reused' if prepared.reused else 'built'}); P(harmful) on held-out other domains: "
-        f"base {headline.get('base:other_domains/heldout', float('nan')):.3f}, "
-        f"EM {headline.get('em:other_domains/heldout', float('nan')):.3f}, "
-        f"control {headline.get('control:other_domains/heldout', float('nan')):.3f}"
-    )
-    config_path = str(prepared.default_config) if prepared.default_config else None
-    if config_path is None:
-        console.print(
-            "[yellow]the data directory holds your own experiment.yaml; the demo uses it[/]"
-        )
     prepare_flows(resolved)
-    from flows.analysis import analysis_flow
-    from flows.discovery import discovery_flow
-    from flows.model_check import model_check_flow
-    from flows.tracing import tracing_flow
+    from flows.pipeline import pipeline_flow
 
-    console.rule("2/5  model check (base and adapted replacement models)")
-    check = model_check_flow(config_path=config_path, data_dir=str(resolved))
-    console.print(check)
-    console.rule("3/5  discovery (generate -> logits -> judge -> review queue)")
-    summary = discovery_flow(
-        config_path=config_path,
+    console.rule("pipeline: organism -> model check -> discovery -> tracing -> analysis")
+    # The same flow the `pipeline` deployments run; each stage is a subflow with its own logs.
+    result = pipeline_flow(
         data_dir=str(resolved),
+        organism=variant,
+        small_organism=small,
         iterations=iterations,
         prompts_per_iteration=per_iteration,
+        select="flagged",  # nobody has reviewed anything yet: trace what the judge flagged
+        graphs=graphs,
+        ablate_top=ablate,
     )
-    console.rule("4/5  tracing (attribution graphs of base and adapted, flagged prompts)")
-    # Nobody has reviewed anything yet, so the demo traces what the judge flagged.
-    traced = tracing_flow(
-        config_path=config_path, data_dir=str(resolved), select="flagged", limit=graphs
+    organism = result["organism"]
+    harmful = organism["harmful_heldout"]
+    console.print(
+        f"organism {organism['recipe_hash']} ({'reused' if organism['reused'] else 'built'}); "
+        "P(harmful) on held-out other domains: "
+        + ", ".join(f"{m} {p:.3f}" for m, p in harmful.items() if p is not None)
     )
-    console.rule("5/5  analysis (graph diff, forward diff, ablation, LoRA geometry)")
-    analysed = analysis_flow(config_path=config_path, data_dir=str(resolved), ablate_top=ablate)
-    _print_summary(resolved, summary, traced, analysed, time.perf_counter() - started)
+    if organism["config"] is None:
+        console.print("[yellow]the data directory holds your own experiment.yaml; it was used[/]")
+    _print_summary(
+        resolved,
+        result["discovery"],
+        result["tracing"],
+        result["analysis"],
+        time.perf_counter() - started,
+    )
 
 
 def _print_summary(data_dir, summary: dict, traced: dict, analysed: dict, seconds: float) -> None:
     from emc.store import Store, read_only_query
     from emc.store.features import feature_ranking
     from emc.store.scores import most_divergent
+    from flows.pipeline import STORE_COUNTS
 
     store = Store.in_data_dir(data_dir)
     console.rule("done")
-    tables = read_only_query(
-        store,
-        "SELECT 'prompts' AS what, count(*) AS n FROM prompts UNION ALL "
-        "SELECT 'judgements', count(*) FROM judgements UNION ALL "
-        "SELECT 'flagged for review', count(*) FROM review_queue UNION ALL "
-        "SELECT 'graphs', count(*) FROM graphs WHERE status = 'ok' UNION ALL "
-        "SELECT 'graph nodes', count(*) FROM graph_nodes UNION ALL "
-        "SELECT 'runs', count(*) FROM runs",
-    )
+    tables = read_only_query(store, STORE_COUNTS)
     print_frame(tables, title="store")
     print_frame(most_divergent(store, "js", 5), title="most divergent prompts")
     ranking = feature_ranking(store, role="adapted", sign="evil", top=5)

@@ -28,33 +28,11 @@ VariantOption = Annotated[
 
 
 def build_and_record(data_dir: Path, variant: str = "default", small: bool = False, force=False):
-    """Build (or reuse) the organism, make it the default config, record run and report."""
-    from emc.organism import OrganismRecipe
-    from emc.organism.experiment import prepare_organism
-    from emc.runs import recorded_run
-    from emc.store import OrganismBuildRow, Store, upsert_organism_build
+    """Build (or reuse) the organism with progress bars, and record it (run and report)."""
+    from emc.organism.record import prepare_and_record
 
-    recipe = (OrganismRecipe.small if small else OrganismRecipe)(variant=variant)
-    store = Store.in_data_dir(data_dir)
-    params = {"variant": variant, "small": small, "force": force, "recipe": recipe.to_dict()}
-    with recorded_run(store, "cli", "organism-build", params) as run:
-        with phase_progress() as progress:
-            prepared = prepare_organism(data_dir, recipe, progress, force=force)
-        report = prepared.report
-        upsert_organism_build(
-            store,
-            OrganismBuildRow(
-                recipe_hash=prepared.artifacts.recipe_hash,
-                variant=variant,
-                path=str(prepared.artifacts.root),
-                run_id=run.run_id,
-                build_seconds=report.phase_seconds.get("total"),
-                recipe=recipe.to_dict(),
-                report=report.to_json(),
-            ),
-        )
-        run.summary = {"recipe_hash": prepared.artifacts.recipe_hash, "reused": prepared.reused}
-    return prepared
+    with phase_progress() as progress:
+        return prepare_and_record(data_dir, variant, small, force, progress)
 
 
 @organism_app.command("build")

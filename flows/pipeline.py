@@ -1,0 +1,112 @@
+"""The full pipeline as one flow: organism -> model check -> discovery -> tracing -> analysis.
+
+Each stage is its own flow, run here as a subflow, so the Prefect UI shows one parent run with a
+child per stage and each stage keeps its own artifacts and `runs` row. The stages are the same
+flows the separate deployments and the `emc` commands run; `emc demo` runs this flow.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from emc.config import default_config_path, resolve_data_dir
+from emc.store import Store, read_only_query
+from flows.analysis import analysis_flow
+from flows.discovery import discovery_flow
+from flows.model_check import model_check_flow
+from flows.organism import organism_flow
+from flows.tracing import tracing_flow
+
+STORE_COUNTS = (
+    "SELECT 'prompts' AS what, count(*) AS n FROM prompts UNION ALL "
+    "SELECT 'judgements', count(*) FROM judgements UNION ALL "
+    "SELECT 'flagged for review', count(*) FROM review_queue UNION ALL "
+    "SELECT 'graphs', count(*) FROM graphs WHERE status = 'ok' UNION ALL "
+    "SELECT 'graph nodes', count(*) FROM graph_nodes UNION ALL "
+    "SELECT 'forward diffs', count(*) FROM forward_diffs UNION ALL "
+    "SELECT 'ablations', count(*) FROM ablations UNION ALL "
+    "SELECT 'runs', count(*) FROM runs"
+)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    on = "config" if params.get("config_path") else f"organism-{params.get('organism') or 'own'}"
+    return f"pipeline-{on}-{params.get('iterations', 'cfg')}x-trace{params.get('graphs', 6)}"
+
+
+@flow(name="pipeline", flow_run_name=_run_name)
+def pipeline_flow(
+    config_path: str | None = None,
+    data_dir: str | None = None,
+    organism: str | None = "default",
+    small_organism: bool = False,
+    iterations: int | None = 2,
+    prompts_per_iteration: int | None = 8,
+    select: str = "flagged",
+    graphs: int = 6,
+    ablate_top: int = 5,
+) -> dict:
+    """Run every stage on the data directory's experiment.
+
+    Without `config_path`, the organism (`organism`: default or subtle; None: use the data
+    directory's own experiment.yaml as it is) is built or reused first. Tracing takes the `graphs`
+    most urgent prompts of the review queue (`select`: flagged, or reviewed only).
+    """
+    logger = get_run_logger()
+    resolved = str(resolve_data_dir(data_dir))
+    organism_summary = None
+    if config_path is None and organism is not None:
+        logger.info("1/5 organism (%s)", organism)
+        organism_summary = organism_flow(data_dir=resolved, variant=organism, small=small_organism)
+    elif config_path is None and not default_config_path(resolve_data_dir(resolved)).is_file():
+        raise ValueError(
+            f"no config: pass config_path, or organism=default to build the organism in {resolved}"
+        )
+    stages = {"organism": organism_summary}
+    logger.info("2/5 model check")
+    stages["check"] = model_check_flow(config_path=config_path, data_dir=resolved)
+    logger.info("3/5 discovery")
+    stages["discovery"] = discovery_flow(
+        config_path=config_path,
+        data_dir=resolved,
+        iterations=iterations,
+        prompts_per_iteration=prompts_per_iteration,
+    )
+    logger.info("4/5 tracing")
+    stages["tracing"] = tracing_flow(
+        config_path=config_path, data_dir=resolved, select=select, limit=graphs
+    )
+    logger.info("5/5 analysis")
+    stages["analysis"] = analysis_flow(
+        config_path=config_path, data_dir=resolved, ablate_top=ablate_top
+    )
+    store = Store.in_data_dir(resolved)
+    counts = read_only_query(store, STORE_COUNTS)
+    create_table_artifact(
+        key="pipeline-store", table=counts.to_dict("records"), description="Rows in the store"
+    )
+    create_markdown_artifact(
+        key="pipeline-summary", markdown=_markdown(store, stages), description="Pipeline"
+    )
+    return {"data_dir": resolved, "store": str(store.path), **stages}
+
+
+def _markdown(store: Store, stages: dict) -> str:
+    traced, analysed = stages["tracing"], stages["analysis"]
+    lines = [
+        f"Store: `{store.path}`",
+        f"Discovery verdicts: {stages['discovery'].get('verdicts')}",
+        f"Graphs: {traced['graphs_ok']} ok, {traced['graphs_failed']} failed.",
+    ]
+    if analysed["prompts"]:
+        lines += ["", analysed["ground_truth"]]
+    lines += [
+        "",
+        "Next: `emc dashboard -d DATA_DIR` (Review, Graphs, Features), `emc analyze "
+        "--ranking-only -d DATA_DIR`, `emc diff PROMPT_ID -d DATA_DIR`.",
+    ]
+    return "\n".join(lines)

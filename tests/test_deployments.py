@@ -1,0 +1,139 @@
+"""The deployment path for real: a Prefect server, `emc prefect setup --deploy`, a process worker,
+the `pipeline/process` deployment run on the small organism, rows checked in DuckDB.
+
+Run alone with `pytest -m integration tests/test_deployments.py`. Every service is a real
+subprocess on localhost; nothing is mocked. The worker is stopped before the server, with two
+SIGTERMs (the first only forwards SIGINT to a running flow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+
+from emc.store import Store, read_only_query
+from tests.browser import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def _env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@contextmanager
+def _process(command: list[str], env: dict, log: Path, stop_signals: int = 1) -> Iterator:
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        for _ in range(stop_signals):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                with suppress(subprocess.TimeoutExpired):
+                    process.wait(15)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _wait_healthy(url: str, server, log: Path, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"prefect server exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if json.load(reply) is True:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"prefect server not healthy after {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def _run(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"{command}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
+    home, data_dir = tmp_path / "prefect-home", tmp_path / "data"
+    home.mkdir()
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                  str(port)]  # fmt: skip
+    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+    with _process(server_cmd, _env(home), server_log) as server:
+        _wait_healthy(api, server, server_log)
+        env = _env(home, api)
+
+        setup = _run([str(BIN / "emc"), "prefect", "setup", "--deploy"], env, timeout=300)
+        assert "emc-process" in setup.stdout and "store-writer" in setup.stdout
+        again = _run([str(BIN / "emc"), "prefect", "setup"], env, timeout=120)
+        assert "True" not in again.stdout, "a second setup created something again"
+        listed = _run([str(BIN / "prefect"), "deployment", "ls"], env, timeout=120).stdout
+        for name in ("pipeline", "discovery", "tracing", "analysis"):
+            assert f"{name}/process" in listed and f"{name}/docker" in listed
+
+        worker_cmd = [str(BIN / "prefect"), "worker", "start", "--pool", "emc-process"]
+        with _process(worker_cmd, env, worker_log, stop_signals=2) as worker:
+            params = {
+                "data_dir": str(data_dir),
+                "small_organism": True,
+                "iterations": 1,
+                "prompts_per_iteration": 2,
+                "graphs": 1,
+                "ablate_top": 3,
+            }
+            run = subprocess.run(
+                [str(BIN / "prefect"), "deployment", "run", "pipeline/process",
+                 "--params", json.dumps(params), "--watch", "--watch-timeout", "900"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=960,
+            )  # fmt: skip
+            assert worker.poll() is None, worker_log.read_text()[-3000:]
+            assert run.returncode == 0 and "COMPLETED" in run.stdout.upper(), (
+                f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\nworker:\n"
+                f"{worker_log.read_text()[-5000:]}"
+            )
+        assert worker.returncode is not None  # stopped before the server
+
+    store = Store.in_data_dir(data_dir)
+    runs = read_only_query(store, "SELECT name, kind, status, flow_run_id FROM runs")
+    assert set(runs["name"]) == {"organism-build", "model-check", "discovery", "tracing",
+                                 "analysis"}  # fmt: skip
+    assert set(runs["status"]) == {"completed"} and set(runs["kind"]) == {"flow"}
+    assert runs["flow_run_id"].notna().all()
+    graphs = read_only_query(store, "SELECT status FROM graphs")
+    assert len(graphs) == 2 and set(graphs["status"]) == {"ok"}
+    counts = read_only_query(
+        store,
+        "SELECT (SELECT count(*) FROM forward_diffs) AS forward, "
+        "(SELECT count(*) FROM ablations) AS ablations, "
+        "(SELECT count(*) FROM lora_comparisons) AS lora",
+    )
+    assert (counts.iloc[0] > 0).all(), counts
