@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from emc.config import load_experiment
 from emc.models import describe_model
@@ -152,7 +157,16 @@ def _store_label_mass(store: Store, judgement, scores) -> None:
     )  # fmt: skip
 
 
-@flow(name="discovery", flow_run_name="discovery-{iterations}x{prompts_per_iteration}")
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    rounds = params.get("iterations")
+    per_round = params.get("prompts_per_iteration")
+    return f"discovery-{'config' if rounds is None else rounds}x{per_round or 'config'}"
+
+
+@flow(name="discovery", flow_run_name=_run_name)
 def discovery_flow(
     config_path: str | None = None,
     data_dir: str | None = None,
@@ -173,6 +187,9 @@ def discovery_flow(
     }
     with recorded_run(store, "flow", "discovery", params, current_flow_run_id()) as run:
         rounds = []
+        progress = create_progress_artifact(
+            progress=0.0, key="discovery-rounds", description="discovery rounds done"
+        )
         try:
             for round_index in range(max(iterations, 1)):
                 generated = (
@@ -183,6 +200,7 @@ def discovery_flow(
                 scored = score_pending_prompts(config_path, str(resolved), run.run_id)
                 judged = judge_pending_prompts(config_path, str(resolved), run.run_id)
                 rounds.append({"round": round_index + 1, **generated, **scored, **judged})
+                update_progress_artifact(progress, 100.0 * len(rounds) / max(iterations, 1))
         finally:
             release_models()
         counts = judgement_counts(store, run.run_id)

@@ -80,6 +80,28 @@ def _run(command: list[str], env: dict, timeout: float) -> subprocess.CompletedP
     return result
 
 
+# The cron deployment must show its schedule; then it is paused, so that a schedule that comes
+# due during the test never starts a discovery run on the worker (in the default data dir).
+_PAUSE_SCHEDULED = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    deployment = client.read_deployment_by_name("discovery/process")
+    crons = [s.schedule.cron for s in client.read_deployment_schedules(deployment.id)]
+    client.pause_deployment(deployment.id)
+print(json.dumps({"crons": crons}))
+"""
+
+_LIST_RUNS = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs()
+    artifacts = client.read_artifacts()
+print(json.dumps({"flow_runs": [r.name for r in runs], "artifacts": [a.key for a in artifacts]}))
+"""
+
+
 def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
     home, data_dir = tmp_path / "prefect-home", tmp_path / "data"
     home.mkdir()
@@ -99,6 +121,8 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
         listed = _run([str(BIN / "prefect"), "deployment", "ls"], env, timeout=120).stdout
         for name in ("pipeline", "discovery", "tracing", "analysis"):
             assert f"{name}/process" in listed and f"{name}/docker" in listed
+        paused = json.loads(_run([sys.executable, "-c", _PAUSE_SCHEDULED], env, 120).stdout)
+        assert paused["crons"] == ["0 */6 * * *"]
 
         worker_cmd = [str(BIN / "prefect"), "worker", "start", "--pool", "emc-process"]
         with _process(worker_cmd, env, worker_log, stop_signals=2) as worker:
@@ -121,6 +145,34 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
                 f"{worker_log.read_text()[-5000:]}"
             )
         assert worker.returncode is not None  # stopped before the server
+        published = json.loads(_run([sys.executable, "-c", _LIST_RUNS], env, timeout=120).stdout)
+
+    # Every stage ran as a readably named subflow and published its artifacts.
+    expected_runs = {
+        "pipeline-organism-default-1x-trace1",
+        "organism-default",
+        "model-check-base,adapted",
+        "discovery-1x2",
+        "tracing-flagged-config",
+        "analysis-all-pairs-top3",
+    }
+    missing = expected_runs - set(published["flow_runs"])
+    assert not missing, (sorted(missing), sorted(published["flow_runs"]))
+    expected_artifacts = {
+        "organism",
+        "pipeline-summary",
+        "pipeline-store",
+        "discovery-summary",
+        "discovery-verdicts",
+        "discovery-rounds",
+        "tracing-summary",
+        "tracing-graphs",
+        "analysis-summary",
+        "analysis-ranking",
+        "analysis-forward",
+    }
+    missing = expected_artifacts - set(published["artifacts"])
+    assert not missing, (sorted(missing), sorted(published["artifacts"]))
 
     store = Store.in_data_dir(data_dir)
     runs = read_only_query(store, "SELECT name, kind, status, flow_run_id FROM runs")
