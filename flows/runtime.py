@@ -63,6 +63,16 @@ def gpu_slot() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def store_writer_slot() -> Iterator[None]:
+    """Hold the single `store-writer` slot: one task loading results into the store at a time."""
+    from prefect.concurrency.sync import concurrency
+
+    ensure_concurrency_limit(STORE_WRITER_LIMIT, DEFAULT_LIMITS[STORE_WRITER_LIMIT])
+    with concurrency(STORE_WRITER_LIMIT, occupy=1, strict=True):
+        yield
+
+
 def current_flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 

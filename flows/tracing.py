@@ -9,8 +9,9 @@ content, so a re-run skips graphs already made and re-tries failed ones: a kille
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -20,14 +21,17 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from pydantic import BaseModel, ConfigDict
 
 from emc.config import TracingConfig, load_experiment
 from emc.models import describe_model
 from emc.pivotal.logits import NextTokens
 from emc.runs import recorded_run
 from emc.store import Store, upsert_model
+from emc.store.bundles import ingest_bundles, write_failed_bundle, write_traced_bundle
 from emc.store.graphs import graph_ids_done, insert_traced, list_graphs, record_failed_graph
 from emc.store.judgements import current_labels
+from emc.store.models import ModelRow
 from emc.store.prompts import stored_prompt_ids
 from emc.store.queue import queued_prompt_ids
 from emc.store.scores import load_prompt_scores, scored_prompt_ids
@@ -42,14 +46,18 @@ from emc.tracing import (
 )
 from flows.discovery import RETRIES, score_pending_prompts
 from flows.model_cache import cached_model, release_models
-from flows.runtime import current_flow_run_id, gpu_slot
+from flows.runtime import current_flow_run_id, gpu_slot, store_writer_slot
 
 ROLES = ("base", "adapted")
 
 
-@dataclass(frozen=True)
-class GraphItem:
-    """One graph to make: which prompt, which targets, which ids, and what discovery saw."""
+class GraphItem(BaseModel):
+    """One graph to make: which prompt, which targets, which ids, and what discovery saw.
+
+    Plain data (JSON), so that a shard of items can be a deployment's parameter.
+    """
+
+    model_config = ConfigDict(frozen=True)
 
     key: GraphKey
     plan: TargetPlan
@@ -88,6 +96,43 @@ def plan_graphs(
     return items
 
 
+def pending_items(
+    config, data_dir: str, role: str, prompt_ids: list[str], tracing: TracingConfig
+) -> list[GraphItem]:
+    """The graphs of `role` for these prompts that the store does not hold yet."""
+    store = Store.in_data_dir(data_dir)
+    model_ids = {r: describe_model(config, r).model_id for r in ROLES}
+    items = plan_graphs(store, tracing, prompt_ids, role, model_ids)
+    done = graph_ids_done(store, model_ids[role])
+    return [item for item in items if item.key.graph_id not in done]
+
+
+class StoreSink:
+    """Where the local path puts each graph: straight into the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def ok(self, traced) -> None:
+        insert_traced(self.store, traced)
+
+    def failed(self, item: GraphItem, run_id: str, message: str) -> None:
+        record_failed_graph(self.store, item.key, item.input_ids, run_id, message)
+
+
+class SpoolSink:
+    """Where a worker without the store puts each graph: a bundle in the shared spool."""
+
+    def __init__(self, spool_dir: str, model: ModelRow) -> None:
+        self.spool_dir, self.model = spool_dir, model
+
+    def ok(self, traced) -> None:
+        write_traced_bundle(self.spool_dir, traced, self.model)
+
+    def failed(self, item: GraphItem, run_id: str, message: str) -> None:
+        write_failed_bundle(self.spool_dir, item.key, item.input_ids, run_id, message, self.model)
+
+
 @task(task_run_name="trace-{role}", **RETRIES)
 def trace_graphs(
     config_path: str | None,
@@ -98,35 +143,55 @@ def trace_graphs(
     run_id: str,
 ) -> list[dict]:
     """Make the missing graphs of one model; each failure is recorded and the loop goes on."""
-    logger = get_run_logger()
     config, _ = load_experiment(config_path, data_dir)
     config = config.model_copy(update={"tracing": tracing})
-    store = Store.in_data_dir(data_dir)
-    model_ids = {r: describe_model(config, r).model_id for r in ROLES}
-    items = plan_graphs(store, tracing, prompt_ids, role, model_ids)
-    done = graph_ids_done(store, model_ids[role])
-    pending = [item for item in items if item.key.graph_id not in done]
+    pending = pending_items(config, data_dir, role, prompt_ids, tracing)
     if not pending:
         return []
+    store = Store.in_data_dir(data_dir)
+    with gpu_slot():
+        loaded = cached_model(config, role)
+        upsert_model(store, loaded.identity.to_row(first_run_id=run_id))
+        return _trace_all(loaded, pending, tracing, run_id, data_dir, role, StoreSink(store))
+
+
+@task(task_run_name="trace-{role}-to-spool", **RETRIES)
+def trace_to_spool(
+    config_path: str | None,
+    data_dir: str,
+    role: str,
+    items: list[GraphItem],
+    tracing: TracingConfig,
+    run_id: str,
+    spool_dir: str,
+) -> list[dict]:
+    """`trace_graphs` for a worker that cannot write the store: each graph becomes a bundle."""
+    config, _ = load_experiment(config_path, data_dir)
+    config = config.model_copy(update={"tracing": tracing})
+    with gpu_slot():
+        loaded = cached_model(config, role)
+        sink = SpoolSink(spool_dir, loaded.identity.to_row(first_run_id=run_id))
+        return _trace_all(loaded, items, tracing, run_id, data_dir, role, sink)
+
+
+def _trace_all(loaded, items, tracing, run_id, data_dir, role, sink) -> list[dict]:
+    logger = get_run_logger()
     progress = create_progress_artifact(
         progress=0.0, key=f"tracing-{role}", description=f"{role} graphs made or failed"
     )
     results = []
-    with gpu_slot():
-        loaded = cached_model(config, role)
-        upsert_model(store, loaded.identity.to_row(first_run_id=run_id))
-        for index, item in enumerate(pending, start=1):
-            results.append(_trace_one(store, loaded, item, tracing, run_id, data_dir, role))
-            row = results[-1]
-            logger.info(
-                "%s graph %d/%d, prompt %s: %s", role, index, len(pending), item.key.prompt_id,
-                row["error"] or f"{row['seconds']:.1f} s, replacement {row['replacement']:.3f}",
-            )  # fmt: skip
-            update_progress_artifact(progress, 100.0 * index / len(pending))
+    for index, item in enumerate(items, start=1):
+        results.append(_trace_one(sink, loaded, item, tracing, run_id, data_dir, role))
+        row = results[-1]
+        logger.info(
+            "%s graph %d/%d, prompt %s: %s", role, index, len(items), item.key.prompt_id,
+            row["error"] or f"{row['seconds']:.1f} s, replacement {row['replacement']:.3f}",
+        )  # fmt: skip
+        update_progress_artifact(progress, 100.0 * index / len(items))
     return results
 
 
-def _trace_one(store, loaded, item: GraphItem, tracing, run_id, data_dir, role) -> dict:
+def _trace_one(sink, loaded, item: GraphItem, tracing, run_id, data_dir, role) -> dict:
     ids = torch.tensor(item.input_ids)
 
     def attempt(fitted: TracingConfig):
@@ -138,7 +203,7 @@ def _trace_one(store, loaded, item: GraphItem, tracing, run_id, data_dir, role) 
     try:
         traced, fitted = with_memory_fallback(attempt, tracing)
         record = traced.record
-        insert_traced(store, traced)
+        sink.ok(traced)
         row |= {
             "status": "ok",
             "seconds": record.seconds,
@@ -155,10 +220,107 @@ def _trace_one(store, loaded, item: GraphItem, tracing, run_id, data_dir, role) 
         del traced
     except Exception as exc:  # an item's failure: record it and go on with the next prompt
         message = f"{type(exc).__name__}: {exc}"
-        record_failed_graph(store, item.key, item.input_ids, run_id, message)
+        sink.failed(item, run_id, message)
         row |= {"status": "failed", "error": message}
     release_memory()
     return row
+
+
+@flow(name="trace-shard", flow_run_name="trace-shard-{role}-{shard}")
+def trace_shard_flow(
+    config_path: str | None,
+    data_dir: str | None,
+    role: str,
+    items: list[GraphItem],
+    tracing: TracingConfig,
+    run_id: str,
+    spool_dir: str,
+    shard: int = 0,
+) -> dict:
+    """One shard of a tracing run, on whichever worker takes it: its graphs become bundles in
+    `spool_dir` (shared with the store's host), never rows in a store it may not reach."""
+    try:
+        rows = trace_to_spool(
+            config_path, str(data_dir or ""), role, items, tracing, run_id, spool_dir
+        )
+    finally:
+        release_models()
+    return {
+        "shard": shard,
+        "role": role,
+        "made": sum(r["status"] == "ok" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+    }
+
+
+@task(task_run_name="ingest-results")
+def ingest_results(data_dir: str, spool_dir: str) -> dict:
+    """Load the spool's bundles into the store, one ingest at a time (`store-writer` slot)."""
+    with store_writer_slot():
+        report = ingest_bundles(Store.in_data_dir(data_dir), spool_dir)
+    if report.rejected:
+        get_run_logger().error("rejected bundles: %s", report.rejected)
+    return {"ingested": report.ingested, "rejected": report.rejected}
+
+
+def _dispatch_shards(
+    config, data_dir: str, chosen: list[str], tracing: TracingConfig, run_id: str,
+    shards: int, spool_dir: str, deployment: str, config_path: str | None,
+) -> list[dict]:  # fmt: skip
+    """Run each role's pending graphs as `shards` runs of the shard deployment, wait for all,
+    ingest what they wrote; raise if a shard did not complete (a re-run makes the rest)."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    started = []
+    for role in ROLES:
+        items = pending_items(config, data_dir, role, chosen, tracing)
+        for shard in range(shards):
+            chunk = items[shard::shards]
+            if not chunk:
+                continue
+            parameters = {
+                "config_path": config_path,
+                "data_dir": data_dir,
+                "role": role,
+                "items": [item.model_dump(mode="json") for item in chunk],
+                "tracing": tracing.model_dump(mode="json"),
+                "run_id": run_id,
+                "spool_dir": spool_dir,
+                "shard": shard,
+            }
+            started.append(run_deployment(deployment, parameters=parameters, timeout=0))
+            logger.info("%s shard %d: %d graphs -> %s", role, shard, len(chunk), deployment)
+    finished = _wait_for(started)
+    ingested = ingest_results(data_dir, spool_dir)
+    store = Store.in_data_dir(data_dir)
+    roles = {describe_model(config, r).model_id: r for r in ROLES}
+    made = {g.graph_id: g for g in list_graphs(store) if g.graph_id in set(ingested["ingested"])}
+    rows = [
+        {"prompt_id": g.prompt_id, "role": roles.get(g.model_id, "?"), "graph_id": g.graph_id,
+         "status": g.status, "error": g.error}
+        for g in made.values()
+    ]  # fmt: skip
+    broken = [f"{r.name}: {r.state.name}" for r in finished if not r.state.is_completed()]
+    if broken:
+        raise RuntimeError(
+            f"{len(broken)} tracing shard(s) did not complete ({'; '.join(broken)}); their "
+            "graphs that reached the spool were ingested, run tracing again for the rest"
+        )
+    return rows
+
+
+def _wait_for(flow_runs: list, poll_seconds: float = 2.0) -> list:
+    from prefect.client.orchestration import get_client
+
+    if not flow_runs:
+        return []
+    with get_client(sync_client=True) as client:
+        while True:
+            current = [client.read_flow_run(r.id) for r in flow_runs]
+            if all(r.state is not None and r.state.is_final() for r in current):
+                return current
+            time.sleep(poll_seconds)
 
 
 def _run_name() -> str:
@@ -177,11 +339,17 @@ def tracing_flow(
     targets: str | None = None,
     limit: int | None = None,
     prompt_ids: list[str] | None = None,
+    shards: int = 0,
+    spool_dir: str | None = None,
+    shard_deployment: str = "trace-shard/process",
 ) -> dict:
     """Graphs for base and adapted on the selected prompts (`select`/`targets` override config).
 
     `prompt_ids` names prompts explicitly; otherwise the review queue is read: `reviewed`
     prompts, or every `flagged` one not rejected, highest priority first, at most `limit`.
+    `shards` > 0 hands the graphs to that many runs per model of `shard_deployment`, on any
+    worker of its pool (other machines included); they write bundles to `spool_dir` (default
+    DATA_DIR/spool, which they must share) and this flow loads them into the store.
     """
     config, resolved = load_experiment(config_path, data_dir)
     overrides = {k: v for k, v in (("select", select), ("targets", targets)) if v is not None}
@@ -192,6 +360,7 @@ def tracing_flow(
         "data_dir": str(resolved),
         "prompt_ids": prompt_ids,
         "limit": limit,
+        "shards": shards,
         "tracing": tracing.model_dump(mode="json"),
     }
     with recorded_run(store, "flow", "tracing", params, current_flow_run_id()) as run:
@@ -202,12 +371,20 @@ def tracing_flow(
             # Graphs must read discovery's token ids, so score what has no logits yet.
             score_pending_prompts(config_path, str(resolved), run.run_id)
         rows = []
-        try:
-            for role in ROLES:
-                rows += trace_graphs(config_path, str(resolved), role, chosen, tracing, run.run_id)
-                release_models()  # one model in memory at a time: graphs need the room
-        finally:
-            release_models()
+        if shards:
+            spool = spool_dir or str(Path(resolved) / "spool")
+            config = config.model_copy(update={"tracing": tracing})
+            rows = _dispatch_shards(config, str(resolved), chosen, tracing, run.run_id, shards,
+                                    spool, shard_deployment, config_path)  # fmt: skip
+        else:
+            try:
+                for role in ROLES:
+                    rows += trace_graphs(
+                        config_path, str(resolved), role, chosen, tracing, run.run_id
+                    )
+                    release_models()  # one model in memory at a time: graphs need the room
+            finally:
+                release_models()
         summary = _summarize(store, chosen, rows, base_id, adapted_id)
         if rows:
             create_table_artifact(

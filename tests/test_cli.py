@@ -69,3 +69,9 @@ def test_prefect_setup_needs_a_server_and_says_how_to_start_one(monkeypatch):
     result = runner.invoke(app, ["prefect", "setup"])
     assert result.exit_code == 2
     assert "PREFECT_API_URL is not set" in result.output and "prefect server start" in result.output
+
+
+def test_sharded_tracing_needs_a_server(monkeypatch, tmp_path):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["trace", "--shards", "2", "-d", str(tmp_path)])
+    assert result.exit_code == 2 and "set PREFECT_API_URL" in result.output

@@ -189,3 +189,59 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
         "(SELECT count(*) FROM lora_comparisons) AS lora",
     )
     assert (counts.iloc[0] > 0).all(), counts
+
+
+def _flagged_data_dir(data_dir: Path, home: Path) -> None:
+    """The small organism and one discovery round, without a server (ephemeral Prefect)."""
+    env = _env(home)
+    _run([str(BIN / "emc"), "organism", "build", "--small", "-d", str(data_dir)], env, 600)
+    _run([str(BIN / "emc"), "discover", "--iterations", "1", "--per-iteration", "4",
+          "-d", str(data_dir)], env, 600)  # fmt: skip
+
+
+def test_two_workers_trace_shards_into_the_spool_and_one_ingest_loads_them(tmp_path):
+    home, data_dir = tmp_path / "prefect-home", tmp_path / "data"
+    home.mkdir()
+    _flagged_data_dir(data_dir, tmp_path / "ephemeral-home")
+    store = Store.in_data_dir(data_dir)
+    queued = read_only_query(store, "SELECT count(*) AS n FROM review_queue")["n"][0]
+    assert queued >= 2
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                  str(port)]  # fmt: skip
+    server_log = tmp_path / "server.log"
+    logs = {name: tmp_path / f"worker-{name}.log" for name in ("a", "b")}
+    with _process(server_cmd, _env(home), server_log) as server:
+        _wait_healthy(api, server, server_log)
+        env = _env(home, api)
+        _run([str(BIN / "emc"), "prefect", "setup", "--deploy"], env, timeout=300)
+        # Two GPUs' worth of slots, one flow run per worker: the shards spread over both.
+        _run([str(BIN / "prefect"), "gcl", "update", "gpu", "--limit", "2"], env, timeout=60)
+        _run([sys.executable, "-c", _PAUSE_SCHEDULED], env, 120)
+        workers = [[str(BIN / "prefect"), "worker", "start", "--pool", "emc-process", "--limit",
+                    "1", "--name", f"worker-{name}"] for name in logs]  # fmt: skip
+        with (
+            _process(workers[0], env, logs["a"], stop_signals=2),
+            _process(workers[1], env, logs["b"], stop_signals=2),
+        ):
+            trace = [str(BIN / "emc"), "trace", "--select", "flagged", "--shards", "2",
+                     "-d", str(data_dir)]  # fmt: skip
+            first = subprocess.run(trace, cwd=ROOT, env=env, capture_output=True, text=True,
+                                   timeout=900)  # fmt: skip
+            worker_output = "\n".join(log.read_text()[-3000:] for log in logs.values())
+            assert first.returncode == 0, (
+                f"{first.stdout[-3000:]}{first.stderr[-3000:]}\n{worker_output}"
+            )
+            again = _run(trace, env, timeout=600)
+
+    # Each worker ran shards: every graph came through the spool, and once only.
+    for name, log in logs.items():
+        assert "trace-shard-" in log.read_text(), f"worker {name} ran no shard"
+    graphs = read_only_query(store, "SELECT graph_id, status FROM graphs")
+    assert len(graphs) == 2 * queued and set(graphs["status"]) == {"ok"}
+    assert graphs["graph_id"].is_unique
+    ingested = list((data_dir / "spool" / "ingested").iterdir())
+    assert len(ingested) == len(graphs) and not list((data_dir / "spool").glob("*.bundle"))
+    assert f"made {len(graphs)}, failed 0" in first.stdout
+    assert "made 0, failed 0" in again.stdout  # nothing left to do: no shard, no duplicate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, get_args
 
 import typer
@@ -37,6 +39,23 @@ def trace(
     limit: Annotated[
         int | None, typer.Option(help="Trace at most this many prompts, by review priority.")
     ] = None,
+    shards: Annotated[
+        int,
+        typer.Option(
+            help="Split each model's graphs into this many runs of the trace-shard deployment, "
+            "for the workers of its pool (several GPUs or machines). Needs PREFECT_API_URL."
+        ),
+    ] = 0,
+    spool: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --shards: the directory shards write result bundles to, shared by every "
+            "worker and this machine. Default: DATA_DIR/spool."
+        ),
+    ] = None,
+    shard_deployment: Annotated[
+        str, typer.Option(help="With --shards: the deployment that runs a shard.")
+    ] = "trace-shard/process",
 ) -> None:
     """Make attribution graphs for the base and the adapted model on the same token ids.
 
@@ -45,6 +64,11 @@ def trace(
     `graphs` row holds the quality scores. Graphs already made are skipped and failed ones are
     tried again, so a killed run, run again, finishes the rest.
 
+    With --shards N (and a Prefect server), each model's graphs are split into N runs of the
+    `trace-shard` deployment, which any worker of its pool may take, on this machine or another.
+    Shards never open the store: they write result bundles to the shared --spool directory, and
+    this command loads them into the store (one ingest at a time, `store-writer` slot).
+
     Then: `emc graph export PROMPT_ID` for circuit-tracer's viewer, or the dashboard's Graphs
     page.
     """
@@ -52,6 +76,13 @@ def trace(
         choices = get_args(TracingConfig.model_fields[option].annotation)
         if value is not None and value not in choices:
             raise fail(f"unknown --{option} {value!r}: choose {' or '.join(choices)}")
+    if shards < 0:
+        raise fail("--shards must be 0 or more")
+    if shards and not os.environ.get("PREFECT_API_URL"):
+        raise fail(
+            "--shards hands work to Prefect workers: set PREFECT_API_URL to their server and "
+            "register the deployments (`emc prefect setup --deploy`)"
+        )
     try:
         _, resolved = load_experiment(config, data_dir)
     except ConfigError as exc:
@@ -67,6 +98,9 @@ def trace(
             targets=targets,
             limit=limit,
             prompt_ids=prompt_ids or None,
+            shards=shards,
+            spool_dir=str(spool) if spool else None,
+            shard_deployment=shard_deployment,
         )
     except ValueError as exc:  # unknown prompt ids
         raise fail(str(exc)) from None
