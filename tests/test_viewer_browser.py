@@ -146,8 +146,7 @@ def test_the_exported_pair_renders_offline_in_chromium(browser_tools, exported, 
     assert outside == []  # everything the page needs came from localhost
 
     server.send_signal(signal.SIGINT)  # Ctrl-C
-    # Generous: on two heavily loaded cores a CI run once needed more than 15 s to stop.
-    output, _ = server.communicate(timeout=90)
+    output, _ = server.communicate(timeout=30)
     assert server.returncode == 0, output
     assert f"viewer on {url}" in output and "stopped" in output
 
@@ -162,3 +161,34 @@ def test_serve__a_taken_port_is_a_clear_error(browser_tools, exported):
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert f"cannot serve on port {port}" in result.output and "--port" in result.output
+
+
+def test_serve__stops_on_ctrl_c_even_when_started_with_sigint_ignored(exported):
+    """A process started in the background inherits SIGINT ignored; Ctrl-C must still stop it.
+
+    (In full CI runs the server outlived the Ctrl-C sent to it; a child started with SIGINT
+    ignored reproduces that exactly, and passes since the command arms Ctrl-C itself.)
+    """
+    data_dir, _ = exported
+    port = free_port()
+    command = [sys.executable, "-m", "emc", "graph", "serve", "--port", str(port)]
+    server = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, "EMC_DATA_DIR": str(data_dir)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0 and "stopped" in output

@@ -118,14 +118,18 @@ def graph_serve(
                 highlight=False,
                 soft_wrap=True,
             )
-            # SIGTERM stops it like Ctrl-C, so the temporary frontend is removed either way.
+            # SIGTERM stops it like Ctrl-C, so the temporary frontend is removed either way. Ctrl-C
+            # is armed explicitly: a process started in the background of a non-interactive
+            # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
             previous = signal.signal(signal.SIGTERM, _interrupt)
+            previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 viewer.serve_forever()
             except KeyboardInterrupt:
                 console.print("stopped")
             finally:
                 signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, previous_int)
     except ViewerError as exc:
         raise fail(str(exc)) from None
     except OSError as exc:
