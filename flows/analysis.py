@@ -34,11 +34,10 @@ from emc.analysis.forward_diff import (
     residual_states,
 )
 from emc.analysis.ground_truth import compare_with_ground_truth
-from emc.analysis.lora_geometry import alignment_histogram, lora_geometry
-from emc.config import ExperimentConfig, load_experiment
+from emc.analysis.lora_geometry import alignment_histogram, lora_geometry_for
+from emc.config import load_experiment
 from emc.models import describe_model
-from emc.models.refs import resolve_model_dir
-from emc.models.transcoders import inspect_transcoders
+from emc.models.factory import resolve_adapter_dir
 from emc.runs import recorded_run
 from emc.store import Store, upsert_model
 from emc.store.analysis import (
@@ -95,11 +94,6 @@ def analysis_inputs(
     return list(inputs.values())
 
 
-def _adapter_dir(config: ExperimentConfig):
-    adapter = config.models.adapter
-    return resolve_model_dir(adapter.ref, adapter.revision, required_file="adapter_config.json")
-
-
 @task(task_run_name="forward-diffs-{n_prompts}-prompts", **RETRIES)
 def measure_forward(
     config_path: str | None,
@@ -113,7 +107,7 @@ def measure_forward(
     logger = get_run_logger()
     config, _ = load_experiment(config_path, data_dir)
     store = Store.in_data_dir(data_dir)
-    layers = adapter_layers(_adapter_dir(config))
+    layers = adapter_layers(resolve_adapter_dir(config))
     captured: dict[str, tuple[torch.Tensor, torch.Tensor] | str] = {}
     progress = create_progress_artifact(
         progress=0.0, key="analysis-forward", description="forward passes, base then adapted"
@@ -255,14 +249,7 @@ def measure_lora_geometry(
     """The adapter's output directions against the transcoders (CPU; no model is loaded)."""
     config, _ = load_experiment(config_path, data_dir)
     store = Store.in_data_dir(data_dir)
-    models = config.models
-    geometry = lora_geometry(
-        _adapter_dir(config),
-        inspect_transcoders(models.transcoders.ref).directory,
-        top=10,
-        n_null=n_null,
-        base_dir=resolve_model_dir(models.base.ref, models.base.revision),
-    )
+    geometry = lora_geometry_for(config, top=10, n_null=n_null)
     histograms = {
         (h.module, h.direction, h.compared_with, h.layer): h
         for h in alignment_histogram(geometry, bins=40)

@@ -97,11 +97,13 @@ def plan_graphs(
 
 
 def pending_items(
-    config, data_dir: str, role: str, prompt_ids: list[str], tracing: TracingConfig
+    store: Store,
+    tracing: TracingConfig,
+    prompt_ids: list[str],
+    role: str,
+    model_ids: Mapping[str, str],
 ) -> list[GraphItem]:
     """The graphs of `role` for these prompts that the store does not hold yet."""
-    store = Store.in_data_dir(data_dir)
-    model_ids = {r: describe_model(config, r).model_id for r in ROLES}
     items = plan_graphs(store, tracing, prompt_ids, role, model_ids)
     done = graph_ids_done(store, model_ids[role])
     return [item for item in items if item.key.graph_id not in done]
@@ -145,10 +147,11 @@ def trace_graphs(
     """Make the missing graphs of one model; each failure is recorded and the loop goes on."""
     config, _ = load_experiment(config_path, data_dir)
     config = config.model_copy(update={"tracing": tracing})
-    pending = pending_items(config, data_dir, role, prompt_ids, tracing)
+    store = Store.in_data_dir(data_dir)
+    model_ids = {r: describe_model(config, r).model_id for r in ROLES}
+    pending = pending_items(store, tracing, prompt_ids, role, model_ids)
     if not pending:
         return []
-    store = Store.in_data_dir(data_dir)
     with gpu_slot():
         loaded = cached_model(config, role)
         upsert_model(store, loaded.identity.to_row(first_run_id=run_id))
@@ -264,8 +267,9 @@ def ingest_results(data_dir: str, spool_dir: str) -> dict:
 
 
 def _dispatch_shards(
-    config, data_dir: str, chosen: list[str], tracing: TracingConfig, run_id: str,
+    store: Store, data_dir: str, chosen: list[str], tracing: TracingConfig, run_id: str,
     shards: int, spool_dir: str, deployment: str, config_path: str | None,
+    model_ids: Mapping[str, str],
 ) -> list[dict]:  # fmt: skip
     """Run each role's pending graphs as `shards` runs of the shard deployment, wait for all,
     ingest what they wrote; raise if a shard did not complete (a re-run makes the rest)."""
@@ -274,7 +278,7 @@ def _dispatch_shards(
     logger = get_run_logger()
     started = []
     for role in ROLES:
-        items = pending_items(config, data_dir, role, chosen, tracing)
+        items = pending_items(store, tracing, chosen, role, model_ids)
         for shard in range(shards):
             chunk = items[shard::shards]
             if not chunk:
@@ -293,8 +297,7 @@ def _dispatch_shards(
             logger.info("%s shard %d: %d graphs -> %s", role, shard, len(chunk), deployment)
     finished = _wait_for(started)
     ingested = ingest_results(data_dir, spool_dir)
-    store = Store.in_data_dir(data_dir)
-    roles = {describe_model(config, r).model_id: r for r in ROLES}
+    roles = {model_id: role for role, model_id in model_ids.items()}
     made = {g.graph_id: g for g in list_graphs(store) if g.graph_id in set(ingested["ingested"])}
     rows = [
         {"prompt_id": g.prompt_id, "role": roles.get(g.model_id, "?"), "graph_id": g.graph_id,
@@ -365,17 +368,16 @@ def tracing_flow(
     }
     with recorded_run(store, "flow", "tracing", params, current_flow_run_id()) as run:
         chosen = _choose_prompts(store, tracing, limit, prompt_ids)
-        base_id = describe_model(config, "base").model_id
-        adapted_id = describe_model(config, "adapted").model_id
+        model_ids = {r: describe_model(config, r).model_id for r in ROLES}
+        base_id, adapted_id = model_ids["base"], model_ids["adapted"]
         if set(chosen) - scored_prompt_ids(store, base_id, adapted_id):
             # Graphs must read discovery's token ids, so score what has no logits yet.
             score_pending_prompts(config_path, str(resolved), run.run_id)
         rows = []
         if shards:
             spool = spool_dir or str(Path(resolved) / "spool")
-            config = config.model_copy(update={"tracing": tracing})
-            rows = _dispatch_shards(config, str(resolved), chosen, tracing, run.run_id, shards,
-                                    spool, shard_deployment, config_path)  # fmt: skip
+            rows = _dispatch_shards(store, str(resolved), chosen, tracing, run.run_id, shards,
+                                    spool, shard_deployment, config_path, model_ids)  # fmt: skip
         else:
             try:
                 for role in ROLES:

@@ -72,6 +72,21 @@ def _wait_healthy(url: str, server, log: Path, seconds: float = 90) -> None:
     pytest.fail(f"prefect server not healthy after {seconds} s:\n{log.read_text()[-3000:]}")
 
 
+@contextmanager
+def _prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A `prefect server` on a free local port, healthy; yields the environment that uses it."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    port = free_port()
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+               str(port)]  # fmt: skip
+    log = tmp_path / "server.log"
+    with _process(command, _env(home), log) as server:
+        api = f"http://127.0.0.1:{port}/api"
+        _wait_healthy(api, server, log)
+        yield _env(home, api)
+
+
 def _run(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     result = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -103,17 +118,8 @@ print(json.dumps({"flow_runs": [r.name for r in runs], "artifacts": [a.key for a
 
 
 def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
-    home, data_dir = tmp_path / "prefect-home", tmp_path / "data"
-    home.mkdir()
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                  str(port)]  # fmt: skip
-    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
-    with _process(server_cmd, _env(home), server_log) as server:
-        _wait_healthy(api, server, server_log)
-        env = _env(home, api)
-
+    data_dir, worker_log = tmp_path / "data", tmp_path / "worker.log"
+    with _prefect_server(tmp_path) as env:
         setup = _run([str(BIN / "emc"), "prefect", "setup", "--deploy"], env, timeout=300)
         assert "emc-process" in setup.stdout and "store-writer" in setup.stdout
         again = _run([str(BIN / "emc"), "prefect", "setup"], env, timeout=120)
@@ -200,21 +206,13 @@ def _flagged_data_dir(data_dir: Path, home: Path) -> None:
 
 
 def test_two_workers_trace_shards_into_the_spool_and_one_ingest_loads_them(tmp_path):
-    home, data_dir = tmp_path / "prefect-home", tmp_path / "data"
-    home.mkdir()
+    data_dir = tmp_path / "data"
     _flagged_data_dir(data_dir, tmp_path / "ephemeral-home")
     store = Store.in_data_dir(data_dir)
     queued = read_only_query(store, "SELECT count(*) AS n FROM review_queue")["n"][0]
     assert queued >= 2
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                  str(port)]  # fmt: skip
-    server_log = tmp_path / "server.log"
     logs = {name: tmp_path / f"worker-{name}.log" for name in ("a", "b")}
-    with _process(server_cmd, _env(home), server_log) as server:
-        _wait_healthy(api, server, server_log)
-        env = _env(home, api)
+    with _prefect_server(tmp_path) as env:
         _run([str(BIN / "emc"), "prefect", "setup", "--deploy"], env, timeout=300)
         # Two GPUs' worth of slots, one flow run per worker: the shards spread over both.
         _run([str(BIN / "prefect"), "gcl", "update", "gpu", "--limit", "2"], env, timeout=60)

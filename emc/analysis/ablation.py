@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from emc.analysis.forward_diff import feature_activations
+from emc.analysis.forward_diff import activations_and_last_logits
 from emc.models import LoadedModel, finite_guard
 
 Label = Literal["evil", "safe"]
@@ -85,11 +85,10 @@ def ablate_features(
     vocabulary at the last position.
     """
     labels = _checked_targets(targets)
-    activations = feature_activations(loaded, input_ids)
+    activations, before = activations_and_last_logits(loaded, input_ids)
     n_layers, n_pos, width = activations.shape
     wanted = _checked_features(features, n_layers, width)
     active = [int((activations[layer, :, f] > 0).sum()) for layer, f in wanted]
-    before = loaded.next_token_logits(input_ids)[-1].cpu()
     if any(active):
         interventions = [(layer, pos, f, 0.0) for layer, f in wanted for pos in range(n_pos)]
         after = _intervened_last_logits(loaded, input_ids, interventions)

@@ -67,12 +67,21 @@ def residual_states(loaded: LoadedModel, input_ids: torch.Tensor) -> torch.Tenso
 
 def feature_activations(loaded: LoadedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """(n_layers, n_pos, d_transcoder) float32 on the CPU: every transcoder feature's activation."""
+    return activations_and_last_logits(loaded, input_ids)[0]
+
+
+def activations_and_last_logits(
+    loaded: LoadedModel, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`feature_activations` and the last position's logits, from the one forward pass that
+    gives both (the same `get_activations` call `LoadedModel.next_token_logits` makes)."""
     ids = _checked_ids(input_ids).to(loaded.precision.device)
     with finite_guard(loaded._checkpoints):
-        _, activations = loaded.model.get_activations(ids)
+        logits, activations = loaded.model.get_activations(ids)
     if activations.is_sparse:
         activations = activations.to_dense()
-    return activations.float().cpu()
+    last = logits.reshape(-1, logits.shape[-1])[-1].float().cpu()
+    return activations.float().cpu(), last
 
 
 def adapter_layers(adapter_dir: Path) -> tuple[int, ...]:

@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
+from emc.config import ExperimentConfig
 from emc.models.errors import AdapterMismatchError, ModelLoadError, list_problems
 from emc.models.transcoders import inspect_transcoders
 
@@ -57,7 +58,8 @@ _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _LAYER = re.compile(r"\.(\d+)\.")
 
-_FEATURE_COLUMNS = [
+# One comparison: an output direction of one module against one layer's encoders or decoders.
+_COMPARISON_KEY = [
     "module",
     "kind",
     "module_layer",
@@ -65,6 +67,9 @@ _FEATURE_COLUMNS = [
     "singular_value",
     "compared_with",
     "layer",
+]
+_FEATURE_COLUMNS = [
+    *_COMPARISON_KEY,
     "feature",
     "cosine",
     "abs_cosine",
@@ -72,13 +77,7 @@ _FEATURE_COLUMNS = [
     "null_percentile",
 ]
 _COMPARISON_COLUMNS = [
-    "module",
-    "kind",
-    "module_layer",
-    "direction",
-    "singular_value",
-    "compared_with",
-    "layer",
+    *_COMPARISON_KEY,
     "n_features",
     "best_feature",
     "best_cosine",
@@ -155,6 +154,21 @@ class LoraGeometry:
             if record.module == name:
                 return record
         raise KeyError(f"no adapted module {name!r}; have {[m.module for m in self.modules]}")
+
+
+def lora_geometry_for(config: ExperimentConfig, **options) -> LoraGeometry:
+    """`lora_geometry` on the config's adapter, transcoders and base model (for the MLP input
+    norms); `options` are `lora_geometry`'s keyword arguments."""
+    from emc.models.factory import resolve_adapter_dir
+    from emc.models.refs import resolve_model_dir
+
+    models = config.models
+    return lora_geometry(
+        resolve_adapter_dir(config),
+        inspect_transcoders(models.transcoders.ref).directory,
+        base_dir=resolve_model_dir(models.base.ref, models.base.revision),
+        **options,
+    )
 
 
 def compared_layers(site: Site, layer: int, n_layers: int) -> tuple[list[int], list[int]]:

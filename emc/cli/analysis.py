@@ -240,25 +240,15 @@ def lora(
     percentile column is where that cosine falls among random directions of the same size
     (a best |cosine| of 0.4 is chance at d_model 64).
     """
-    from emc.analysis.lora_geometry import lora_geometry
-    from emc.models.refs import resolve_model_dir
-    from emc.models.transcoders import inspect_transcoders
+    from emc.analysis.lora_geometry import lora_geometry_for
 
     try:
         experiment, _ = load_experiment(config, data_dir)
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    models = experiment.models
-    if models.adapter is None:
+    if experiment.models.adapter is None:
         raise fail("the config names no adapter (models.adapter): nothing to compare")
-    adapter = resolve_model_dir(
-        models.adapter.ref, models.adapter.revision, required_file="adapter_config.json"
-    )
-    base = resolve_model_dir(models.base.ref, models.base.revision)
-    transcoders = inspect_transcoders(models.transcoders.ref).directory
-    geometry = lora_geometry(
-        adapter, transcoders, top=top, n_directions=directions, n_null=null, base_dir=base
-    )
+    geometry = lora_geometry_for(experiment, top=top, n_directions=directions, n_null=null)
     comparisons = geometry.comparisons.sort_values("null_percentile", ascending=False).head(top)
     columns = ["module", "direction", "singular_value", "compared_with", "layer"]
     columns += ["best_feature", "best_cosine", "null_q99", "null_percentile"]

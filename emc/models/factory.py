@@ -127,7 +127,7 @@ def load_plain_model(config: ExperimentConfig, role: Role, merge: bool = True) -
     base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
     model = load_causal_lm(base_dir, precision)
     if role == "adapted":
-        model = apply_adapter(model, _adapter_dir(config), merge=merge)
+        model = apply_adapter(model, resolve_adapter_dir(config), merge=merge)
     return model
 
 
@@ -137,7 +137,7 @@ def load_replacement_model(config: ExperimentConfig, role: Role) -> LoadedModel:
     transcoder_info = inspect_transcoders(config.models.transcoders.ref)
     hf_config = AutoConfig.from_pretrained(base_dir)
     check_transcoders_fit(transcoder_info, hf_config.num_hidden_layers, hf_config.hidden_size)
-    adapter_dir = _adapter_dir(config) if role == "adapted" else None
+    adapter_dir = resolve_adapter_dir(config) if role == "adapted" else None
 
     hf_model = load_causal_lm(base_dir, precision)
     if adapter_dir is not None:
@@ -164,7 +164,7 @@ def describe_model(config: ExperimentConfig, role: Role) -> ModelIdentity:
     """
     precision = resolve_precision(config.runtime)
     base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
-    adapter_dir = _adapter_dir(config) if role == "adapted" else None
+    adapter_dir = resolve_adapter_dir(config) if role == "adapted" else None
     transcoder_dir = inspect_transcoders(config.models.transcoders.ref).directory
     backend = config.runtime.backend
     return ModelIdentity(
@@ -183,7 +183,8 @@ def describe_model(config: ExperimentConfig, role: Role) -> ModelIdentity:
     )
 
 
-def _adapter_dir(config: ExperimentConfig) -> Path:
+def resolve_adapter_dir(config: ExperimentConfig) -> Path:
+    """The config's adapter directory, resolved (a hub reference from the local cache)."""
     adapter = config.models.adapter
     if adapter is None:
         raise ModelLoadError(

@@ -70,16 +70,9 @@ def replace_forward_diffs(
     dtype: str,
 ) -> None:
     """A prompt's per-layer forward differences (FORWARD_COLUMNS), replacing earlier ones."""
-    _check(rows, FORWARD_COLUMNS, "forward diff")
-    frame = rows[list(FORWARD_COLUMNS)].assign(
-        prompt_id=prompt_id,
-        base_model_id=base_model_id,
-        adapted_model_id=adapted_model_id,
-        run_id=run_id,
-        tolerance=tolerance,
-        dtype=dtype,
-    )
-    _replace(store, "forward_diffs", frame, [prompt_id, base_model_id, adapted_model_id])
+    ids = (prompt_id, base_model_id, adapted_model_id)
+    constants = {"run_id": run_id, "tolerance": tolerance, "dtype": dtype}
+    _replace(store, "forward_diffs", rows, FORWARD_COLUMNS, ids, **constants)
 
 
 def replace_activation_deltas(
@@ -91,14 +84,8 @@ def replace_activation_deltas(
     deltas: pd.DataFrame,
 ) -> None:
     """A prompt's activation deltas (DELTA_COLUMNS), replacing earlier ones."""
-    _check(deltas, DELTA_COLUMNS, "activation deltas")
-    frame = deltas[list(DELTA_COLUMNS)].assign(
-        prompt_id=prompt_id,
-        base_model_id=base_model_id,
-        adapted_model_id=adapted_model_id,
-        run_id=run_id,
-    )
-    _replace(store, "activation_deltas", frame, [prompt_id, base_model_id, adapted_model_id])
+    ids = (prompt_id, base_model_id, adapted_model_id)
+    _replace(store, "activation_deltas", deltas, DELTA_COLUMNS, ids, run_id=run_id)
 
 
 def measured_prompt_ids(store: Store, base_model_id: str, adapted_model_id: str) -> set[str]:
@@ -220,11 +207,23 @@ def _table_columns(conn, table: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def _replace(store: Store, table: str, frame: pd.DataFrame, key: list[str]) -> None:
+def _replace(
+    store: Store,
+    table: str,
+    rows: pd.DataFrame,
+    columns: Sequence[str],
+    ids: tuple[str, str, str],
+    **constants: object,
+) -> None:
+    """Replace one prompt and model pair's rows of `table` with `rows` plus the constant columns.
+
+    `ids` are the (prompt, base model, adapted model) the rows belong to.
+    """
+    _check(rows, columns, table)
+    keys = dict(zip(_MODELS_KEY, ids, strict=True))
+    frame = rows[list(columns)].assign(**keys, **constants)
     with store.write() as conn:
-        conn.execute(
-            f"DELETE FROM {table} WHERE {' AND '.join(f'{k} = ?' for k in _MODELS_KEY)}", key
-        )
+        conn.execute(f"DELETE FROM {table} WHERE {' AND '.join(f'{k} = ?' for k in keys)}", ids)
         append_frame(conn, table, frame)
 
 

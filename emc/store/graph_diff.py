@@ -17,18 +17,13 @@ import pandas as pd
 
 from emc.store.connection import Store
 from emc.store.features import RANKING_METRICS
-from emc.store.graph_pairs import GraphPair
+from emc.store.graph_pairs import PAIR_JOIN, GraphPair
 
 # The newest pair per (prompt, models, targets): a re-trace with other settings replaces it.
-_PAIRS = """
+_PAIRS = f"""
     SELECT b.prompt_id, b.targets, b.graph_id AS base_graph_id, a.graph_id AS adapted_graph_id,
            b.model_id AS base_model_id, a.model_id AS adapted_model_id
-    FROM graphs b
-    JOIN models mb ON mb.model_id = b.model_id AND mb.role = 'base'
-    JOIN graphs a ON a.prompt_id = b.prompt_id AND a.targets = b.targets
-                 AND a.params::VARCHAR = b.params::VARCHAR
-    JOIN models ma ON ma.model_id = a.model_id AND ma.role = 'adapted'
-    WHERE b.status = 'ok' AND a.status = 'ok' {where}
+    {PAIR_JOIN} {{where}}
     QUALIFY row_number() OVER (
         PARTITION BY b.prompt_id, b.model_id, a.model_id, b.targets
         ORDER BY greatest(b.created_at, a.created_at) DESC, b.graph_id, a.graph_id

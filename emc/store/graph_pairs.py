@@ -26,15 +26,19 @@ class GraphPair(BaseModel):
     created_at: datetime  # of the newer graph
 
 
-_PAIRS = """
-    SELECT b.prompt_id, b.targets, b.graph_id, a.graph_id, b.model_id, a.model_id,
-           b.replacement, a.replacement, greatest(b.created_at, a.created_at) AS created_at
+# The pairing itself, `b` the base graph and `a` the adapted one; other modules select from it.
+PAIR_JOIN = """
     FROM graphs b
     JOIN models mb ON mb.model_id = b.model_id AND mb.role = 'base'
     JOIN graphs a ON a.prompt_id = b.prompt_id AND a.targets = b.targets
                  AND a.params::VARCHAR = b.params::VARCHAR
     JOIN models ma ON ma.model_id = a.model_id AND ma.role = 'adapted'
     WHERE b.status = 'ok' AND a.status = 'ok'
+"""
+_PAIRS = f"""
+    SELECT b.prompt_id, b.targets, b.graph_id, a.graph_id, b.model_id, a.model_id,
+           b.replacement, a.replacement, greatest(b.created_at, a.created_at) AS created_at
+    {PAIR_JOIN}
 """
 
 
