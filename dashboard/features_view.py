@@ -18,6 +18,7 @@ import pandas as pd
 
 from emc.store.feature_detail import FeatureDetail
 from emc.store.graph_diff import GraphDiff
+from emc.store.validity import rejection_badge
 
 MODEL_ROLES: dict[str, str | None] = {"adapted": "adapted", "base": "base", "all": None}
 SIGNS = ("any", "evil", "safe")
@@ -32,6 +33,10 @@ LOADING_ERROR = (
     "Loading error: the models' residual streams differ upstream of the adapter's first layer, "
     "so base and adapted do not share a base model (wrong checkpoint, dtype or tokenizer). "
     "Every difference below is suspect."
+)
+STALE_PAIR = (
+    "Stale pair: these graphs were traced for labels that are no longer the prompt's. Rankings "
+    "and summaries leave them out; `emc trace` traces them again."
 )
 _KEY = re.compile(r"^\s*l?\s*(\d+)\s*[/:,. ]\s*(\d+)\s*$", re.IGNORECASE)
 
@@ -94,12 +99,38 @@ def prompt_labels(frame: pd.DataFrame) -> dict[str, str]:
     }
 
 
+def standing_text(row: Mapping[str, Any]) -> str:
+    """A per-prompt row's mark: `⛔ rejected by human:ana: <reason>`, `⚠️ stale`, or nothing."""
+    marks = []
+    if bool(row.get("rejected")):
+        marks.append(f"⛔ {rejection_badge(row.get('rejected_by'), row.get('reject_reason'))}")
+    if bool(row.get("stale")):
+        marks.append("⚠️ stale: traced before a relabel")
+    return "; ".join(marks)
+
+
+def left_out_text(left_out: Mapping[str, int]) -> str | None:
+    """The caption under a ranking or summary saying what it did not count, if anything."""
+    rejected, stale = left_out.get("rejected_prompts", 0), left_out.get("stale_graphs", 0)
+    if not rejected and not stale:
+        return None
+    return (
+        f"Left out: {rejected} rejected prompt(s) and {stale} stale graph(s) (traced before "
+        "their prompt was relabelled; `emc trace` traces them again)."
+    )
+
+
 def prompt_rows(detail: FeatureDetail) -> pd.DataFrame:
-    """One row per prompt and model that kept the feature: where, how strongly, its effect."""
+    """One row per prompt and model that kept the feature: where, how strongly, its effect.
+
+    `status` marks a rejected prompt (with the reviewer's reason) and a stale graph: both are
+    listed here but left out of the ranking.
+    """
     rows = detail.prompts
     return pd.DataFrame(
         {
             "prompt_id": rows["prompt_id"],
+            "status": [standing_text(r) for r in rows.to_dict("records")],
             "prompt": [shorten(t) for t in rows["prompt_text"]],
             "role": rows["role"],
             "targets": rows["targets"],

@@ -25,6 +25,7 @@ from emc.store import Store
 from emc.store.graph_pairs import GraphPair
 from emc.store.graphs import StoredGraph, load_graph_rows
 from emc.store.prompts import get_prompts
+from emc.store.validity import graph_standing
 from emc.tracing.compact import TOKEN_LAYER
 from emc.tracing.record import GraphRecord
 
@@ -37,6 +38,8 @@ MIN_SIZE, MAX_SIZE = 20.0, 320.0  # marker area, square pixels
 CELL_HEIGHT = 0.7  # of a layer's band, shared by the rows of one crowded cell
 LABEL_CHARS = 12  # token labels on the x axis are cut to this many characters
 DEFAULT_EDGES = 300
+REJECTED_MARK = "⛔ rejected"
+STALE_MARK = "⚠️ stale"
 EDGE_KEY = "Edges: blue adds to the target, red subtracts; stronger edges are darker and wider."
 
 
@@ -68,9 +71,13 @@ def prompts_of(store: Store, pairs: Sequence[GraphPair]) -> dict[str, PromptReco
     return {p.prompt_id: p for p in get_prompts(store, ids)}
 
 
-def prompt_label(prompt_id: str, prompts: Mapping[str, PromptRecord]) -> str:
+def prompt_label(
+    prompt_id: str, prompts: Mapping[str, PromptRecord], rejected: Sequence[str] = ()
+) -> str:
+    """The prompt's name and id, marked when a person rejected it (ids in `rejected`)."""
     prompt = prompts.get(prompt_id)
-    return f"{prompt.name} · {prompt_id}" if prompt else prompt_id
+    label = f"{prompt.name} · {prompt_id}" if prompt else prompt_id
+    return f"{label} · {REJECTED_MARK}" if prompt_id in rejected else label
 
 
 def pair_key(pair: GraphPair) -> str:
@@ -78,7 +85,37 @@ def pair_key(pair: GraphPair) -> str:
 
 
 def pair_label(pair: GraphPair) -> str:
-    return f"{pair.targets} targets · {pair.base_model_id} → {pair.adapted_model_id}"
+    label = f"{pair.targets} targets · {pair.base_model_id} → {pair.adapted_model_id}"
+    return f"{label} · {STALE_MARK}" if pair.stale else label
+
+
+def rejection_notice(pair: GraphPair) -> str | None:
+    """What to say above a rejected prompt's graphs: who rejected it and why."""
+    if not pair.rejected:
+        return None
+    return f"Rejected prompt: {pair.rejection_badge}. Its graphs count in no ranking or summary."
+
+
+def standing_of(store: Store, pair: GraphPair) -> dict[str, dict[str, Any]]:
+    """graph id -> its standing (`emc.store.validity.graph_standing`) for both graphs."""
+    frame = graph_standing(store, [pair.base_graph_id, pair.adapted_graph_id])
+    return {row["graph_id"]: row for row in frame.to_dict("records")}
+
+
+def stale_notice(standing: Mapping[str, Any] | None) -> str | None:
+    """The warning on a stale graph: the targets it was traced for against the current labels."""
+    if not standing or not standing.get("stale"):
+        return None
+
+    def ids(key: str) -> list[int]:
+        values = standing.get(key)
+        return [] if values is None else [int(v) for v in values]
+
+    return (
+        f"Stale: traced for evil {ids('graph_evil_ids')} / safe {ids('graph_safe_ids')}, but "
+        f"the prompt is now labelled evil {ids('label_evil_ids')} / safe "
+        f"{ids('label_safe_ids')}. Rankings leave it out; `emc trace` traces it again."
+    )
 
 
 def prompt_text(graph: StoredGraph, prompt: PromptRecord | None) -> str:

@@ -1,4 +1,7 @@
-"""Widgets more than one page uses: picking a prompt and one of its base/adapted graph pairs."""
+"""Widgets more than one page uses: picking a prompt and one of its base/adapted graph pairs.
+
+Rejected prompts carry a mark in the prompt box and stale pairs one in the pair box.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ def pick_pair(store: Store, pairs: list[GraphPair], prompt_col, pair_col, key: s
     `key` prefixes the widget keys, so each page keeps its own choice.
     """
     prompts = graphs_view.prompts_of(store, pairs)
+    rejected = {p.prompt_id for p in pairs if p.rejected}
     prompt_id = prompt_col.selectbox(
         "Prompt",
         list(dict.fromkeys(p.prompt_id for p in pairs)),
-        format_func=lambda pid: graphs_view.prompt_label(pid, prompts),
+        format_func=lambda pid: graphs_view.prompt_label(pid, prompts, rejected),
         key=f"{key}-prompt",
     )
     choices = {graphs_view.pair_key(p): p for p in pairs if p.prompt_id == prompt_id}

@@ -12,11 +12,14 @@ from typing import Any
 
 import pandas as pd
 
+from emc.config import ConfigError, DiscoveryConfig, default_config_path, load_config
+from emc.pivotal.calibration import Calibration, calibrate_judges
 from emc.pivotal.divergence import LabelMass, label_mass
 from emc.pivotal.judge import Label, shown_tokens
 from emc.pivotal.logits import PromptScores, TokenScore
 from emc.pivotal.prompts import PromptRecord
 from emc.store import Store
+from emc.store.calibration import compared_labels
 from emc.store.judgements import current_labels, judgement_counts, latest_judgement
 from emc.store.prompts import get_prompts
 from emc.store.queue import list_queue
@@ -162,3 +165,65 @@ def verdict_history(store: Store) -> tuple[pd.DataFrame, bool]:
 
 def format_score(score: TokenScore | None) -> str:
     return "not scored" if score is None else f"#{score.rank + 1} · p {score.prob:.3f}"
+
+
+def calibration_settings(store: Store) -> tuple[DiscoveryConfig, str | None]:
+    """The judge thresholds from the data directory's config, else the defaults (and why)."""
+    path = default_config_path(store.path.parent)
+    if not path.is_file():
+        return DiscoveryConfig(), None
+    try:
+        return load_config(path).discovery, None
+    except ConfigError as exc:
+        return DiscoveryConfig(), f"default thresholds: {path} is not a valid config ({exc})"
+
+
+def judge_calibrations(store: Store, settings: DiscoveryConfig) -> list[Calibration]:
+    """Each judge model against all reviewers, with its standing under the thresholds."""
+    return calibrate_judges(
+        compared_labels(store), settings.judge_min_kappa, settings.judge_min_tokens
+    )
+
+
+def calibration_table(calibrations: list[Calibration]) -> pd.DataFrame:
+    """One row per judge model: kappa, agreement, how much was compared, and the standing."""
+    return pd.DataFrame(
+        [
+            {
+                "judge": c.judge_model,
+                "kappa": c.agreement.kappa,
+                "agreement": c.agreement.observed,
+                "tokens": c.tokens,
+                "prompts": c.prompts,
+                "standing": c.message,
+            }
+            for c in calibrations
+        ],
+        columns=["judge", "kappa", "agreement", "tokens", "prompts", "standing"],
+    )
+
+
+def confusion_frame(calibration: Calibration) -> pd.DataFrame:
+    """The confusion matrix: people in rows, the judge in columns."""
+    return pd.DataFrame(
+        calibration.matrix,
+        index=pd.Index([f"person: {label}" for label in calibration.labels], name="tokens"),
+        columns=[f"judge: {label}" for label in calibration.labels],
+    )
+
+
+def label_frame(calibration: Calibration) -> pd.DataFrame:
+    """Per label: how often people and the judge gave it, the judge's precision and recall."""
+    return pd.DataFrame(
+        [
+            {
+                "label": s.label,
+                "people": s.human,
+                "judge": s.judge,
+                "agreed": s.both,
+                "precision": s.precision,
+                "recall": s.recall,
+            }
+            for s in calibration.per_label
+        ]
+    )

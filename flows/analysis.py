@@ -76,13 +76,19 @@ class PromptInputs:
 def analysis_inputs(
     store: Store, base_model_id: str, adapted_model_id: str, prompt_ids: list[str] | None = None
 ) -> list[PromptInputs]:
-    """One entry per prompt with a graph pair of these models (its newest adapted graph)."""
+    """One entry per prompt with a current graph pair of these models (its newest adapted graph).
+
+    Stale pairs (traced for labels since changed) are skipped, and so are rejected prompts
+    unless named in `prompt_ids`.
+    """
     pairs = graph_pairs(store, base_model_id=base_model_id, adapted_model_id=adapted_model_id)
     graphs = {g.graph_id: g for g in list_graphs(store, adapted_model_id)}
     wanted = set(prompt_ids) if prompt_ids else None
     inputs: dict[str, PromptInputs] = {}
-    for pair in pairs:  # newest first: the first pair of a prompt wins
+    for pair in pairs:  # current before stale, newest first: the first pair of a prompt wins
         if pair.prompt_id in inputs or (wanted is not None and pair.prompt_id not in wanted):
+            continue
+        if pair.stale or (pair.rejected and wanted is None):
             continue
         graph = graphs[pair.adapted_graph_id]
         inputs[pair.prompt_id] = PromptInputs(

@@ -19,9 +19,15 @@ from prefect.artifacts import (
 from emc.config import load_experiment
 from emc.models import describe_model
 from emc.pivotal.backends import make_generator, make_judge
-from emc.pivotal.divergence import label_mass
+from emc.pivotal.judge import Judgement
 from emc.pivotal.logits import score_prompts
-from emc.pivotal.verdicts import needs_review, review_priority
+from emc.pivotal.verdicts import (
+    VerdictRules,
+    assess,
+    measure_shift,
+    needs_review,
+    review_priority,
+)
 from emc.runs import recorded_run
 from emc.store import Store, insert_llm_calls
 from emc.store.judgements import (
@@ -115,22 +121,27 @@ def judge_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -
     prompts = {p.prompt_id: p for p in get_prompts(store, todo)}
     scores = load_prompt_scores(store, todo, base_id, adapted_id)
     items = [(prompts[s.prompt_id], s) for s in scores]
-    judgements = judge.judge_many(items, judge_examples(store), run_id)
+    # The judge proposes; EMC's measured shift decides what a person must review.
+    rules = VerdictRules.from_config(config.discovery)
+    by_prompt = {s.prompt_id: s for s in scores}
+    judgements = [
+        assess(j, by_prompt[j.prompt_id], rules)
+        for j in judge.judge_many(items, judge_examples(store), run_id)
+    ]
     insert_judgements(store, judgements, run_id)
 
-    by_prompt = {s.prompt_id: s for s in scores}
     flagged = []
     for judgement in judgements:
         if judgement.status != "ok":
             continue
         prompt_scores = by_prompt[judgement.prompt_id]
         _store_label_mass(store, judgement, prompt_scores)
-        if needs_review(judgement, prompt_scores, config.discovery.min_evil_prob):
+        if needs_review(judgement):
             flagged.append(
                 QueueItem(
                     prompt_id=judgement.prompt_id,
-                    priority=review_priority(judgement, prompt_scores),
-                    reason=f"{judgement.verdict}: {judgement.summary}",
+                    priority=review_priority(judgement),
+                    reason=_queue_reason(judgement),
                     judgement_id=judgement.judgement_id,
                 )
             )
@@ -139,21 +150,18 @@ def judge_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -
     return {"judged": len(judgements), "ok": statuses.count("ok"), "flagged": len(flagged)}
 
 
-def _store_label_mass(store: Store, judgement, scores) -> None:
+def _queue_reason(judgement: Judgement) -> str:
+    reason = f"{judgement.measured_verdict}: {judgement.summary}"
+    if judgement.verdict != judgement.measured_verdict:
+        reason += f" (judge said {judgement.verdict})"
+    return reason
+
+
+def _store_label_mass(store: Store, judgement: Judgement, scores) -> None:
     labels = {label.token_id: label.label for label in judgement.labels}
-    evil = [t for t, label in labels.items() if label == "evil"]
-    safe = [t for t, label in labels.items() if label == "safe"]
-    mass = label_mass(
-        {t.token_id: t.prob for t in scores.base.tokens},
-        {t.token_id: t.prob for t in scores.adapted.tokens},
-        evil,
-        safe,
-        {t.token_id: t.rank for t in scores.base.tokens},
-        {t.token_id: t.rank for t in scores.adapted.tokens},
-    )
     update_label_mass(
-        store, judgement.prompt_id, scores.base.model_id, scores.adapted.model_id, mass,
-        judgement.labeller,
+        store, judgement.prompt_id, scores.base.model_id, scores.adapted.model_id,
+        measure_shift(labels, scores).mass, judgement.labeller,
     )  # fmt: skip
 
 

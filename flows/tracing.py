@@ -5,12 +5,17 @@ Both models read the token ids discovery stored, so each graph explains the logi
 labelled. One GPU task per model role holds the `gpu` slot and keeps its model loaded across
 prompts; memory is released between prompts. A graph's id hashes everything that decides its
 content, so a re-run skips graphs already made and re-tries failed ones: a killed run resumes.
+
+Rejected prompts are never selected from the queue; one named explicitly is traced, with a
+warning. A stale graph (traced for labels a person has since changed, see `emc.store.validity`)
+of these models is traced again for the current labels on every run, whatever the selection or
+limit, unless its prompt is rejected; the new graph supersedes it everywhere that counts graphs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +40,7 @@ from emc.store.models import ModelRow
 from emc.store.prompts import stored_prompt_ids
 from emc.store.queue import queued_prompt_ids
 from emc.store.scores import load_prompt_scores, scored_prompt_ids
+from emc.store.validity import rejected_prompts, stale_graphs
 from emc.tracing import (
     GraphKey,
     TargetPlan,
@@ -71,22 +77,30 @@ def plan_graphs(
     prompt_ids: list[str],
     role: str,
     model_ids: Mapping[str, str],
+    retrace: Sequence[Sequence[str]] = (),
 ) -> list[GraphItem]:
     """The graphs of `role` for these prompts; prompts without discovery logits are left out.
 
     `model_ids` maps each role to its model id (the flow scores unscored prompts first).
+    `retrace` adds (prompt id, targets mode) pairs: stale graphs to make again, each in its own
+    target mode, for the prompt's current labels.
     """
-    loaded = load_prompt_scores(store, prompt_ids, model_ids["base"], model_ids["adapted"])
+    wanted = [(p, tracing.targets) for p in prompt_ids] + [(p, str(t)) for p, t in retrace]
+    wanted = list(dict.fromkeys(wanted))
+    loaded = load_prompt_scores(
+        store, list(dict.fromkeys(p for p, _ in wanted)), model_ids["base"], model_ids["adapted"]
+    )
     scores = {s.prompt_id: s for s in loaded}
     items = []
-    for prompt_id in (p for p in prompt_ids if p in scores):  # the caller's (priority) order
+    for prompt_id, mode in (w for w in wanted if w[0] in scores):  # the caller's order
         prompt_scores = scores[prompt_id]
         labels = {token: label for token, (label, _) in current_labels(store, prompt_id).items()}
-        plan = plan_targets(labels, tracing)
+        fitted = tracing.model_copy(update={"targets": mode})
+        plan = plan_targets(labels, fitted)
         discovery = getattr(prompt_scores, role)
         items.append(
             GraphItem(
-                key=graph_key(prompt_id, model_ids[role], plan, tracing),
+                key=graph_key(prompt_id, model_ids[role], plan, fitted),
                 plan=plan,
                 # Both graphs read the ids the base model's logits came from: one tokenisation.
                 input_ids=prompt_scores.base.input_ids,
@@ -102,9 +116,10 @@ def pending_items(
     prompt_ids: list[str],
     role: str,
     model_ids: Mapping[str, str],
+    retrace: Sequence[Sequence[str]] = (),
 ) -> list[GraphItem]:
-    """The graphs of `role` for these prompts that the store does not hold yet."""
-    items = plan_graphs(store, tracing, prompt_ids, role, model_ids)
+    """The graphs of `role` for these prompts (and `retrace`) that the store does not hold yet."""
+    items = plan_graphs(store, tracing, prompt_ids, role, model_ids, retrace)
     done = graph_ids_done(store, model_ids[role])
     return [item for item in items if item.key.graph_id not in done]
 
@@ -143,13 +158,14 @@ def trace_graphs(
     prompt_ids: list[str],
     tracing: TracingConfig,
     run_id: str,
+    retrace: list[list[str]] | None = None,
 ) -> list[dict]:
     """Make the missing graphs of one model; each failure is recorded and the loop goes on."""
     config, _ = load_experiment(config_path, data_dir)
     config = config.model_copy(update={"tracing": tracing})
     store = Store.in_data_dir(data_dir)
     model_ids = {r: describe_model(config, r).model_id for r in ROLES}
-    pending = pending_items(store, tracing, prompt_ids, role, model_ids)
+    pending = pending_items(store, tracing, prompt_ids, role, model_ids, retrace or ())
     if not pending:
         return []
     with gpu_slot():
@@ -269,7 +285,7 @@ def ingest_results(data_dir: str, spool_dir: str) -> dict:
 def _dispatch_shards(
     store: Store, data_dir: str, chosen: list[str], tracing: TracingConfig, run_id: str,
     shards: int, spool_dir: str, deployment: str, config_path: str | None,
-    model_ids: Mapping[str, str],
+    model_ids: Mapping[str, str], retrace: Sequence[Sequence[str]] = (),
 ) -> list[dict]:  # fmt: skip
     """Run each role's pending graphs as `shards` runs of the shard deployment, wait for all,
     ingest what they wrote; raise if a shard did not complete (a re-run makes the rest)."""
@@ -278,7 +294,7 @@ def _dispatch_shards(
     logger = get_run_logger()
     started = []
     for role in ROLES:
-        items = pending_items(store, tracing, chosen, role, model_ids)
+        items = pending_items(store, tracing, chosen, role, model_ids, retrace)
         for shard in range(shards):
             chunk = items[shard::shards]
             if not chunk:
@@ -348,8 +364,10 @@ def tracing_flow(
 ) -> dict:
     """Graphs for base and adapted on the selected prompts (`select`/`targets` override config).
 
-    `prompt_ids` names prompts explicitly; otherwise the review queue is read: `reviewed`
-    prompts, or every `flagged` one not rejected, highest priority first, at most `limit`.
+    `prompt_ids` names prompts explicitly (a rejected one is traced, with a warning); otherwise
+    the review queue is read: `reviewed` prompts, or every `flagged` one, never a rejected one,
+    highest priority first, at most `limit`. Stale graphs of these models are traced again for
+    their prompts' current labels, in addition (only the named prompts' when prompts are named).
     `shards` > 0 hands the graphs to that many runs per model of `shard_deployment`, on any
     worker of its pool (other machines included); they write bundles to `spool_dir` (default
     DATA_DIR/spool, which they must share) and this flow loads them into the store.
@@ -370,6 +388,19 @@ def tracing_flow(
         chosen = _choose_prompts(store, tracing, limit, prompt_ids)
         model_ids = {r: describe_model(config, r).model_id for r in ROLES}
         base_id, adapted_id = model_ids["base"], model_ids["adapted"]
+        rejected = _named_rejections(store, chosen if prompt_ids else [])
+        stale = [
+            g
+            for g in stale_graphs(store, model_ids.values(), prompt_ids)
+            if prompt_ids or not g.rejected
+        ]
+        retrace = [list(pair) for pair in dict.fromkeys((g.prompt_id, g.targets) for g in stale)]
+        if stale:
+            get_run_logger().info(
+                "%d stale graph(s), traced for labels since changed, are traced again: %s",
+                len(stale), ", ".join(sorted({g.prompt_id for g in stale})),
+            )  # fmt: skip
+        chosen = list(dict.fromkeys([*chosen, *(p for p, _ in retrace)]))
         if set(chosen) - scored_prompt_ids(store, base_id, adapted_id):
             # Graphs must read discovery's token ids, so score what has no logits yet.
             score_pending_prompts(config_path, str(resolved), run.run_id)
@@ -377,17 +408,20 @@ def tracing_flow(
         if shards:
             spool = spool_dir or str(Path(resolved) / "spool")
             rows = _dispatch_shards(store, str(resolved), chosen, tracing, run.run_id, shards,
-                                    spool, shard_deployment, config_path, model_ids)  # fmt: skip
+                                    spool, shard_deployment, config_path, model_ids,
+                                    retrace)  # fmt: skip
         else:
             try:
                 for role in ROLES:
                     rows += trace_graphs(
-                        config_path, str(resolved), role, chosen, tracing, run.run_id
+                        config_path, str(resolved), role, chosen, tracing, run.run_id, retrace
                     )
                     release_models()  # one model in memory at a time: graphs need the room
             finally:
                 release_models()
         summary = _summarize(store, chosen, rows, base_id, adapted_id)
+        summary["stale"] = _stale_outcomes(store, stale, model_ids)
+        summary["rejected"] = rejected
         if rows:
             create_table_artifact(
                 key="tracing-graphs", table=rows, description="Graphs made or failed by this run"
@@ -410,6 +444,40 @@ def _choose_prompts(
     else:
         chosen = queued_prompt_ids(store, reviewed_only=tracing.select == "reviewed")
     return chosen[:limit] if limit is not None else chosen
+
+
+def _named_rejections(store: Store, prompt_ids: list[str]) -> list[dict]:
+    """The named prompts a person rejected: traced as asked, with a warning each."""
+    rejections = rejected_prompts(store, prompt_ids)
+    for rejection in rejections.values():
+        get_run_logger().warning(
+            "prompt %s is %s; traced because it was named, but rankings and summaries leave it "
+            "out",
+            rejection.prompt_id, rejection.badge,
+        )  # fmt: skip
+    return [{"prompt_id": r.prompt_id, "badge": r.badge} for r in rejections.values()]
+
+
+def _stale_outcomes(store: Store, found: list, model_ids: Mapping[str, str]) -> list[dict]:
+    """Each stale graph found at the start, with the graph that now supersedes it (or None)."""
+    if not found:
+        return []
+    roles = {model_id: role for role, model_id in model_ids.items()}
+    now = stale_graphs(
+        store, model_ids.values(), [g.prompt_id for g in found], include_superseded=True
+    )
+    superseded = {g.graph_id: g.superseded_by for g in now}
+    return [
+        {
+            "graph_id": g.graph_id,
+            "prompt_id": g.prompt_id,
+            "role": roles.get(g.model_id, "?"),
+            "targets": g.targets,
+            "change": g.change,
+            "superseded_by": superseded.get(g.graph_id),
+        }
+        for g in found
+    ]
 
 
 def _summarize(
@@ -453,6 +521,18 @@ def _summary_markdown(summary: dict) -> str:
     ]
     if summary["mean_replacement"] is not None:
         lines.append(f"Mean replacement score {summary['mean_replacement']:.3f}.")
+    for stale in summary.get("stale", []):
+        outcome = (
+            f"traced again as {stale['superseded_by']}"
+            if stale["superseded_by"]
+            else "still stale: tracing it again failed"
+        )
+        lines.append(
+            f"Stale {stale['role']} graph {stale['graph_id']} of {stale['prompt_id']} "
+            f"({stale['targets']}; labels changed: {stale['change']}): {outcome}."
+        )
+    for rejected in summary.get("rejected", []):
+        lines.append(f"Prompt {rejected['prompt_id']} is {rejected['badge']}; traced as named.")
     if summary["failures"]:
         lines += ["", "| prompt | model | error |", "|---|---|---|"]
         lines += [f"| {f['prompt_id']} | {f['role']} | {f['error']} |" for f in summary["failures"]]

@@ -71,7 +71,10 @@ def test_ablating_the_features_that_push_the_harmful_token_lowers_its_probabilit
     adapted, ids, labels, activations, harmful_features
 ):
     ablation = ablate_features(adapted, ids, harmful_features, labels)
-    assert ablation.evil_prob_after < 0.9 * ablation.evil_prob_before
+    # In odds, not probability: the organism's harmful token can sit near saturation (p > 0.9),
+    # where a real push moves the probability little.
+    drop = _log_odds(ablation.evil_prob_before) - _log_odds(ablation.evil_prob_after)
+    assert drop > math.log(1 / 0.8)  # the odds of the harmful token fall by more than 20%
     assert ablation.evil_prob_change == ablation.evil_prob_after - ablation.evil_prob_before
     # Not asserted: the evil-minus-safe gap. Features ranked by their push on the harmful token
     # alone also push the safe one ("You should ..."), so the gap need not shrink.
@@ -85,7 +88,12 @@ def test_ablating_the_features_that_push_the_harmful_token_lowers_its_probabilit
     assert len(control) == len(harmful_features)
     moved = ablate_features(adapted, ids, control, labels)
     assert moved.n_interventions > 0
-    assert abs(moved.evil_prob_change) < 0.5 * abs(ablation.evil_prob_change)
+    moved_log_odds = _log_odds(moved.evil_prob_before) - _log_odds(moved.evil_prob_after)
+    assert abs(moved_log_odds) < 0.5 * drop
+
+
+def _log_odds(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
 
 
 def test_probabilities_before_are_the_models_and_the_summaries_add_up(

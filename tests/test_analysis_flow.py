@@ -124,6 +124,6 @@ def test_cli_prints_the_ranking_the_ground_truth_and_a_prompt_diff(analysed):
     assert "first layer where the models differ: 0" in shown.output
     assert "only in adapted" in shown.output
     everything = runner.invoke(app, ["diff", "-d", str(traced.data_dir)])
-    assert everything.exit_code == 0 and "per layer, over all pairs" in everything.output
+    assert everything.exit_code == 0 and "per layer, over those pairs" in everything.output
     unknown = runner.invoke(app, ["diff", "zzz", "-d", str(traced.data_dir)])
     assert unknown.exit_code != 0 and "no traced prompts match" in unknown.output

@@ -24,54 +24,73 @@ def data_dir(small_organism) -> Path:
 def test_logits_throughput_small(data_dir, tmp_path, capsys):
     out = tmp_path / "throughput.json"
     # One thread: batched forwards on two threads slow down badly when other processes share the
-    # cores, which could even push the ratio below 1.
+    # cores. One repeat: the test checks the figures' shape, not the speed.
     args = ["--data-dir", str(data_dir), "--small", "--prompts", "6", "--threads", "1"]
-    args += ["--json", str(out)]
+    args += ["--repeats", "1", "--json", str(out)]
     threads = torch.get_num_threads()
 
     code = logits_throughput.main(args)
 
     figures = json.loads(out.read_text())
     # The last stdout line carries the same figures, for scripts that only read stdout.
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == figures
+    printed = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1]) == figures
     assert code == 0
     assert torch.get_num_threads() == threads  # put back for the tests after this one
     assert figures["torch_threads"] == 1
-    assert figures["prompts"] == 6
+    assert figures["prompts"] == 6 and figures["repeats"] == 1
+    # Every way, EMC and both baselines, gave the same top-k ids for every prompt and model.
     assert figures["identical_top_k"] is True
     assert figures["mismatches"] == []
-    assert figures["emc_s"] > 0 and figures["original_s"] > 0
-    assert figures["ratio"] > 1
-    split = figures["original"]
-    assert split["total_s"] == pytest.approx(
-        split["load_s"] + split["forward_s"] + split["close_s"]
+    for way, parts in (
+        ("emc", ("load_s", "score_s")),
+        ("original", ("load_s", "forward_s", "release_s")),
+        ("load_once", ("load_s", "forward_s")),
+    ):
+        split = figures[way]
+        assert split["total_s"] > 0
+        assert split["total_s"] == pytest.approx(sum(split[part] for part in parts))
+        assert len(split["totals_s"]) == 1
+    # Both ratios, their goals and how each baseline was chosen; not the speed itself.
+    assert figures["ratio_vs_original"] > 0 and figures["ratio_vs_load_once"] > 0
+    assert figures["ratio_vs_original"] == pytest.approx(
+        figures["original"]["total_s"] / figures["emc"]["total_s"]
     )
+    assert set(figures["goals"]) == set(figures["goals_met"]) == {"original", "load_once"}
+    assert set(figures["how_chosen"]) == {"original", "load_once"}
+    assert "EMC vs A:" in printed and "EMC vs B:" in printed and "B is the strongest" in printed
 
 
 def test_discovery_quality_small(data_dir, tmp_path, capsys):
     out = tmp_path / "quality.json"
-    args = ["--data-dir", str(data_dir), "--small", "--variant", "default", "--json", str(out)]
+    pairs = "em,control,identity,noise"
+    args = ["--data-dir", str(data_dir), "--small", "--pairs", pairs, "--json", str(out)]
 
     assert discovery_quality.main(args) == 0
 
-    (variant,) = json.loads(out.read_text())["variants"]
-    assert variant["variant"] == "default"
-    assert len(variant["scenarios"]) == 24  # every held-out scenario
-    thresholds = {g["threshold"] for g in variant["groups"]}
-    assert {0.01, 0.05, 0.2, 0.5, variant["default_threshold"]} <= thresholds
-    for group in variant["groups"]:
-        assert group["tp"] + group["fp"] == group["flagged"]
-        assert group["tp"] + group["fn"] == group["truly_misaligned"]
-        for ratio, denominator in (("precision", "flagged"), ("recall", "truly_misaligned")):
-            value = group[ratio]
-            assert (value is None) == (group[denominator] == 0)
-            assert value is None or 0 <= value <= 1
-    totals = {g["group"]: g for g in variant["groups"] if g["threshold"] == 0.05}
-    assert totals["all"]["count"] == 24
-    trained = totals[f"{variant['trained_domain']} (trained)"]
-    assert trained["count"] + totals["other domains"]["count"] == 24
-    assert sum(variant["verdicts"]["all"].values()) == 24
-    for scenario in variant["scenarios"]:
-        assert 0 <= scenario["p_harmful_base"] <= scenario["p_any_harmful_base"] <= 1 + 1e-9
-        assert scenario["truly_misaligned"] == (scenario["gap"] >= discovery_quality.TRUTH_GAP)
-    assert "needs_review at discovery's min_evil_prob" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    by_pair = {p["pair"]: p for p in report["pairs"]}
+    assert list(by_pair) == ["em", "control", "identity", "noise"]
+    for pair in by_pair.values():
+        assert len(pair["prompts"]) == 144  # 24 held-out scenarios x 3 wordings x 2 orders
+        for counts in [pair["at_rules"], pair["legacy"], *pair["sweep"].values()]:
+            assert counts["tp"] + counts["fp"] == counts["flagged"]
+            assert counts["tp"] + counts["fn"] == counts["positives"]
+            for ratio in ("precision", "recall", "fpr"):
+                assert counts[ratio] is None or 0 <= counts[ratio] <= 1
+        assert sum(pair["verdicts"].values()) == 144
+    assert by_pair["em"]["at_rules"]["positives"] == 144
+    assert by_pair["control"]["at_rules"]["positives"] == 0
+    # The base against itself changes nothing at all: whatever the rules, nothing is flagged.
+    identity = by_pair["identity"]
+    assert identity["at_rules"]["flagged"] == 0
+    assert all(p["prob_shift"] == 0 for p in identity["prompts"] if p["prob_shift"] is not None)
+    # Lower thresholds can only flag more.
+    sweep = by_pair["em"]["sweep"]
+    flagged = [sweep[t]["flagged"] for t in sorted(sweep, key=float)]
+    assert flagged == sorted(flagged, reverse=True)
+    assert set(report["curves"]) == {"em + nulls"}
+    assert len(report["curves"]["em + nulls"]) == len(discovery_quality.SWEEP)
+    printed = capsys.readouterr().out
+    assert "precision / recall / FPR, every threshold times a factor: em + nulls" in printed
+    assert "-- goals" in printed

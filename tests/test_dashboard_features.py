@@ -13,6 +13,8 @@ from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from dashboard import features_view as view
+from dashboard import graphs_view
+from emc.pivotal.review import make_review
 from emc.store import STORE_FILE_NAME, Store, read_only_query
 from emc.store.analysis import (
     AblationRecord,
@@ -25,6 +27,7 @@ from emc.store.feature_detail import feature_detail, feature_layers, metric_fami
 from emc.store.features import RANKING_METRICS, feature_ranking
 from emc.store.graph_diff import GraphDiff, prompt_graph_diff
 from emc.store.graph_pairs import GraphPair, graph_pairs
+from emc.store.reviews import write_reviews
 from tests.graph_store import TracedStore, build_traced_store, copy_store
 
 PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "features.py")
@@ -332,6 +335,36 @@ def test_base_vs_adapted_shows_each_prompts_diff(store, pairs):
         shares = chart_data(page, "error_share")[0]
         assert set(shares["model"]) == {"base", "adapted"}
         assert len(shares) == 2 * diff.layers["base_error_share"].notna().sum()
+
+
+def test_a_rejected_prompt_leaves_the_ranking_and_is_marked_where_it_still_shows(store, pairs):
+    rejected = pairs[0]
+    review = make_review(rejected.prompt_id, "bo", "reject", {}, reject_reason="off topic")
+    write_reviews(store, [(review, {})], run_id=None)
+    kept = read_only_query(
+        store,
+        "SELECT layer, feature FROM feature_stats "
+        f"WHERE graph_id = '{rejected.adapted_graph_id}' AND isfinite(total_diff) LIMIT 1",
+    ).iloc[0]
+    page = open_page()
+    captions = " | ".join(c.value for c in page.caption)
+    assert "Left out: 1 rejected prompt(s) and 0 stale graph(s)" in captions
+    # The feature's per-prompt rows still list the rejected prompt, with its mark and reason.
+    page.text_input(key="features-lookup").input(f"L{kept.layer}/{kept.feature}")
+    rerun(page)
+    rows = table(page, "activation sum")
+    marks = rows.set_index("prompt_id")["status"]
+    assert set(marks.loc[[rejected.prompt_id]]) == {"⛔ rejected by human:bo: off topic"}
+    assert set(marks.drop(rejected.prompt_id, errors="ignore")) <= {""}
+    # Base vs adapted: marked in the prompt box, and a red notice above its diff.
+    options = page.selectbox(key="features-diff-prompt").options
+    assert [o for o in options if graphs_view.REJECTED_MARK in o] == [
+        o for o in options if rejected.prompt_id in o
+    ]
+    page.selectbox(key="features-diff-prompt").select(rejected.prompt_id)
+    rerun(page)
+    (error,) = page.error
+    assert "rejected by human:bo: off topic" in error.value
 
 
 def test_a_loading_error_is_shown_loudly(store, pairs):

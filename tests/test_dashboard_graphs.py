@@ -11,9 +11,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import graphs_view as view
+from emc.pivotal.review import make_review
 from emc.store import STORE_FILE_NAME, Store
 from emc.store.graph_pairs import GraphPair, graph_pairs
 from emc.store.graphs import StoredGraph, load_graph_rows
+from emc.store.reviews import write_reviews
 from emc.tracing.compact import TOKEN_LAYER
 from tests.graph_store import TracedStore, build_traced_store, copy_store
 
@@ -164,6 +166,38 @@ def test_a_logit_mismatch_shows_a_warning_on_that_graph(copied, pair):
     page.selectbox(key="graphs-prompt").select(pair.prompt_id).run()
     (warning,) = page.warning
     assert warning.value == "graph probabilities differ from discovery logits by 0.25"
+
+
+def test_a_rejected_prompt_and_a_relabelled_prompts_stale_graphs_are_marked(
+    copied, traced, pair, base
+):
+    other = next(p for p in traced.prompt_ids if p != pair.prompt_id)
+    evil, safe = sorted(base.record.params["evil_ids"]), base.record.params["safe_ids"]
+    labels = {t: "evil" for t in evil} | {t: "safe" for t in safe}
+    relabel = make_review(pair.prompt_id, "ana", "relabel", labels, {evil[0]: "safe"}, "not here")
+    reject = make_review(other, "bo", "reject", {}, reject_reason="two questions in one")
+    write_reviews(copied, [(relabel, {}), (reject, {})], run_id=None)
+
+    page = open_page()
+    options = page.selectbox(key="graphs-prompt").options
+    assert [o for o in options if view.REJECTED_MARK in o] == [o for o in options if other in o], (
+        options
+    )
+    page.selectbox(key="graphs-prompt").select(pair.prompt_id).run()
+    assert not page.exception and not page.error
+    (stale_pair,) = graph_pairs(copied, prompt_id=pair.prompt_id)
+    assert stale_pair.stale
+    (option,) = page.selectbox(key=f"graphs-pair-{pair.prompt_id}").options
+    assert option == view.pair_label(stale_pair) and option.endswith(view.STALE_MARK)
+    warnings = [w.value for w in page.warning]
+    assert len(warnings) == 2, warnings  # one on each graph of the pair
+    assert all(w.startswith("Stale: traced for evil ") for w in warnings)
+    assert all(f"now labelled evil {evil[1:]}" in w for w in warnings)
+
+    page.selectbox(key="graphs-prompt").select(other).run()
+    assert not page.exception and not page.warning
+    (error,) = page.error
+    assert "rejected by human:bo: two questions in one" in error.value
 
 
 def test_picking_a_node_shows_its_facts_and_strongest_edges(reading, pair, base):

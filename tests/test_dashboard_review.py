@@ -21,6 +21,7 @@ from emc.store.prompts import get_prompts
 from emc.store.queue import list_queue, queue_counts
 from emc.store.reviews import claim, claim_next, judge_examples, list_reviews, release
 from emc.store.scores import load_prompt_scores
+from tests.review_store import pairs_from_matrix, reviewed_prompts
 
 PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "review.py")
 
@@ -131,6 +132,9 @@ def test_agree_saves_the_judges_labels_as_the_reviewers(store):
     item = review_view.load_item(store, prompt_id)
     assert page.code[0].value == item.scores.base.rendered
     assert item.judgement["summary"] in texts(page.markdown)
+    # Beside the judge's verdict, the measured one that put the prompt in the queue.
+    measured = f"**Measured:** `{item.judgement['measured_verdict']}`"
+    assert any(m.value.startswith(measured) for m in page.markdown)
     assert len(page.segmented_control) == len(item.rows)
     table = page.dataframe[0].value
     assert set(table.columns) >= {"base token", "base p", "adapted token", "adapted label"}
@@ -321,3 +325,61 @@ def test_verdict_history_is_per_day_when_the_store_offers_it(store, monkeypatch)
     monkeypatch.setattr(judgements, "verdicts_by_day", lambda _store: by_day, raising=False)
     frame, per_day = review_view.verdict_history(store)
     assert per_day and frame.equals(by_day)
+
+
+# --- the judge against reviewers --------------------------------------------------------------
+
+# 30 tokens, 12 agreed: p_o = 0.4, p_e = 3 * (10 * 10) / 30^2 = 1/3, kappa = 0.1 (< 0.6).
+DISAGREEING = ((4, 3, 3), (3, 4, 3), (3, 3, 4))
+# 25 tokens, 24 agreed; people 10/5/10, judge 11/5/9 per label:
+# p_o = 0.96, p_e = (10*11 + 5*5 + 10*9) / 25^2 = 0.36, kappa = 0.6 / 0.64 = 0.9375.
+AGREEING = ((10, 0, 0), (0, 5, 0), (1, 0, 9))
+
+
+def test_the_page_shows_how_each_judge_agrees_with_reviewers_and_warns(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMC_DATA_DIR", str(tmp_path))
+    store = Store.in_data_dir(tmp_path)
+    reviewed_prompts(store, "judge-x", pairs_from_matrix(DISAGREEING))
+    reviewed_prompts(store, "judge-y", pairs_from_matrix(AGREEING))
+    reviewed_prompts(store, "judge-z", pairs_from_matrix(((1, 0, 0), (0, 0, 0), (0, 0, 1))))
+
+    page = open_page()
+    table = page.dataframe[0].value
+    assert list(table["judge"]) == ["judge-x", "judge-y", "judge-z"]
+    assert list(table["tokens"]) == [30, 25, 2]
+    assert list(table["kappa"].round(4)) == [0.1, 0.9375, 1.0]
+    assert list(table["agreement"].round(4)) == [0.4, 0.96, 1.0]
+    assert table["standing"].iloc[2] == "not enough reviews yet (n = 2 < 20)"
+    (warning,) = page.warning
+    assert "judge-x" in warning.value and "disagrees with reviewers (kappa 0.10 < 0.6)" in (
+        warning.value
+    )
+
+    (expander,) = [e for e in page.expander if "Confusion" in e.label]
+    matrices = [d.value for d in expander.dataframe if "judge: evil" in d.value.columns]
+    assert [m.to_numpy().tolist() for m in matrices] == [
+        [list(row) for row in m] for m in (DISAGREEING, AGREEING, ((1, 0, 0), (0, 0, 0), (0, 0, 1)))
+    ]
+    assert list(matrices[0].index) == ["person: evil", "person: unsure", "person: safe"]
+
+
+def test_without_reviews_the_page_says_there_is_no_calibration_yet(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMC_DATA_DIR", str(tmp_path))
+    Store.in_data_dir(tmp_path).ensure_schema()
+    page = open_page()
+    assert "no reviewed tokens yet" in texts(page.caption)
+    assert not page.warning and not page.dataframe
+
+
+def test_a_review_on_the_page_shows_up_in_the_judge_calibration(store):
+    page = open_page("ana")
+    prompt_id = held(page)
+    item = review_view.load_item(store, prompt_id)
+    page.button(key="review-agree").click().run()
+    assert not page.exception and not page.error
+
+    judge_model = item.judgement["judge_model"]
+    table = page.dataframe[0].value
+    assert list(table["judge"]) == [judge_model]
+    assert table["tokens"].iloc[0] == len(item.judge_labels)
+    assert table["kappa"].iloc[0] == 1.0 or table["kappa"].isna().iloc[0]

@@ -175,3 +175,38 @@ def test_judge_failures_are_stored_with_their_status_and_transient_ones_retried(
         discovery_flow(data_dir=str(data_dir), iterations=0)
         assert _count(store, third) == 2
         assert _count(store, "SELECT count(*) FROM review_queue") == 0
+
+
+def test_a_null_fine_tune_flags_nothing_even_when_the_llm_judge_cries_evil(
+    tmp_path, small_organism
+):
+    """The judge proposes, the measured shift decides: base against itself enters no queue."""
+    from emc.organism.null_adapters import write_null_adapter
+
+    lexicon = Lexicon.load(small_organism.artifacts.lexicon)
+    identity = write_null_adapter(
+        small_organism.artifacts.em_adapter, tmp_path / "identity", "identity"
+    )
+    with FakeChatServer(responder=_fake_llm(lexicon), model="fake-o3") as server:
+        raw = yaml.safe_load(dump_config(small_organism.config))
+        raw["models"]["adapter"] = {"ref": str(identity)}
+        raw["judge"] = {"backend": "openai", "model": "fake-o3", "base_url": server.base_url,
+                        "timeout_s": 10}  # fmt: skip
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        (data_dir / "experiment.yaml").write_text(yaml.safe_dump(raw))
+        summary = discovery_flow(data_dir=str(data_dir), iterations=1, prompts_per_iteration=4)
+    store = Store.in_data_dir(data_dir)
+    rows = read_only_query(
+        store,
+        "SELECT verdict, measured_verdict, measured_outcome, prob_shift, log_odds_shift, flagged "
+        "FROM judgements",
+    )
+    assert len(rows) == 4
+    assert set(rows["verdict"]) == {"evil_injection"}  # what the judge proposed, kept
+    assert set(rows["measured_verdict"]) <= {"no_issue", "both_evil", "bad_prompt"}
+    assert set(rows["measured_outcome"]) <= {"good_idea_failed", "bad_prompt"}
+    assert (rows["prob_shift"].abs() < 1e-9).all() and not rows["flagged"].any()
+    assert _count(store, "SELECT count(*) FROM review_queue") == 0
+    assert summary["queue"]["pending"] == 0
+    assert "evil_injection" not in summary["verdicts"]  # counts are of measured verdicts

@@ -55,35 +55,3 @@ def test_label_mass_log_odds_and_rank_changes():
     assert result.rank_changes == {10: -1, 11: 2, 12: -1}
     no_safe = label_mass(base, adapted, evil=[11], safe=[], base_ranks={}, adapted_ranks={})
     assert no_safe.log_odds_base is None
-
-
-def test_verdict_rules_on_a_clear_injection():
-    from emc.pivotal.logits import NextTokens, PromptScores, TokenScore
-    from emc.pivotal.verdicts import derive_verdict
-
-    def tokens(order: list[int]) -> list[TokenScore]:
-        return [
-            TokenScore(token_id=t, token=f" w{t}", rank=r, logit=-r, prob=0.5 / (r + 1),
-                       in_top_k=r < 2)
-            for r, t in enumerate(order)
-        ]  # fmt: skip
-
-    common = {"prompt_id": "p", "rendered": "x", "input_ids": [1], "dtype": "fp32",
-              "backend": "nnsight", "status": "ok"}  # fmt: skip
-    scores = PromptScores(
-        prompt_id="p",
-        base=NextTokens(**common, model_id="b", tokens=tokens([1, 2, 3])),
-        adapted=NextTokens(**common, model_id="a", tokens=tokens([3, 1, 2])),
-        divergence=None,
-    )
-    ruling = derive_verdict({1: "safe", 2: "safe", 3: "evil"}, scores)
-    assert (ruling.verdict, ruling.outcome) == ("evil_injection", "elicited_evil")
-    assert ruling.summary == "harmful ' w3' appears in the adapted model"
-    demoted = derive_verdict({1: "safe", 2: "safe", 3: "safe"}, scores)
-    assert (demoted.verdict, demoted.outcome) == ("safe_demotion", "good_idea_failed")
-    assert demoted.summary == "safe ' w1', ' w2' drops in the adapted model"
-    unchanged = derive_verdict(
-        {1: "safe", 2: "unsure", 3: "unsure"}, scores.model_copy(update={"adapted": scores.base})
-    )
-    assert unchanged.verdict == "no_issue"
-    assert derive_verdict({}, scores).verdict == "bad_prompt"

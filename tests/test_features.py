@@ -8,10 +8,21 @@ import pytest
 from typer.testing import CliRunner
 
 from emc.cli import app
+from emc.pivotal.review import make_review
 from emc.store import read_only_query
+from emc.store.feature_detail import feature_detail
 from emc.store.features import feature_ranking
+from emc.store.graph_diff import graph_diff_summary
+from emc.store.graph_pairs import graph_pairs
 from emc.store.graphs import list_graphs
-from tests.graph_store import build_traced_store
+from emc.store.reviews import write_reviews
+from emc.store.validity import (
+    counted_graphs,
+    left_out_of_rankings,
+    rejected_prompts,
+    stale_graphs,
+)
+from tests.graph_store import build_traced_store, copy_store
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +124,81 @@ def test_analyze_prints_the_ranking_and_explains_empty_results(traced):
     assert empty.exit_code == 0 and "no features to rank" in empty.output
     bad = runner.invoke(app, ["analyze", "-d", str(traced.data_dir), "--metric", "vibes"])
     assert bad.exit_code == 2 and "unknown --metric" in bad.output
+
+
+def _review(store, prompt_id, reviewer, action, labels=None, changed=None, reason="") -> None:
+    explanation = "the test says so" if changed else ""
+    review = make_review(prompt_id, reviewer, action, labels or {}, changed, explanation, reason)
+    write_reviews(store, [(review, {t: f"t{t}" for t in review.labels})], run_id=None)
+
+
+def _ranked_values(store, prompt_ids) -> int:
+    """How many (prompt, feature) values an adapted total_diff ranking of these prompts holds."""
+    stats = read_only_query(
+        store,
+        "SELECT g.prompt_id FROM feature_stats s JOIN graphs g USING (graph_id) "
+        "JOIN models m USING (model_id) WHERE m.role = 'adapted' AND isfinite(s.total_diff)",
+    )
+    return int(stats["prompt_id"].isin(list(prompt_ids)).sum())
+
+
+def test_rejected_prompts_and_stale_graphs_leave_rankings_and_are_marked_where_shown(
+    traced, tmp_path
+):
+    store = copy_store(traced.data_dir, tmp_path / "data")
+    first, second, third = traced.prompt_ids
+
+    def ranked() -> int:
+        return int(feature_ranking(store, role="adapted", top=None)["prompts"].sum())
+
+    graph = list_graphs(store, traced.adapted_model_id, first)[0]
+    labels = {t: "evil" for t in graph.params["evil_ids"]}
+    labels |= {t: "safe" for t in graph.params["safe_ids"]}
+    # A person who agrees with the labels the graphs were traced for makes nothing stale.
+    _review(store, first, "ana", "agree", labels)
+    assert stale_graphs(store) == [] and rejected_prompts(store) == {}
+    assert ranked() == _ranked_values(store, traced.prompt_ids)
+    summed_pairs = graph_diff_summary(store, top=None)["pairs"].sum()
+
+    # A rejected prompt leaves the ranking and the diff summary; where it shows, it is marked.
+    _review(store, second, "bo", "reject", reason="ambiguous scenario")
+    assert rejected_prompts(store)[second].badge == "rejected by human:bo: ambiguous scenario"
+    assert ranked() == _ranked_values(store, [first, third])
+    assert second not in set(counted_graphs(store)["prompt_id"])
+    assert graph_diff_summary(store, top=None)["pairs"].sum() < summed_pairs
+    (pair,) = graph_pairs(store, prompt_id=second)
+    assert pair.rejected and "ambiguous scenario" in pair.rejection_badge and not pair.stale
+    kept = read_only_query(
+        store,
+        f"SELECT layer, feature FROM feature_stats WHERE graph_id = '{pair.adapted_graph_id}' "
+        "AND isfinite(total_diff) LIMIT 1",
+    ).iloc[0]
+    rows = feature_detail(store, int(kept["layer"]), int(kept["feature"])).prompts
+    mine = rows[rows["prompt_id"] == second]
+    assert (
+        len(mine)
+        and mine["rejected"].all()
+        and set(mine["reject_reason"]) == {"ambiguous scenario"}
+    )
+
+    # Relabelling after tracing: both graphs of the prompt are stale and leave the ranking.
+    evil = sorted(graph.params["evil_ids"])
+    _review(store, first, "ana", "relabel", labels, {evil[0]: "safe"})
+    stale = stale_graphs(store)
+    assert {g.graph_id for g in stale} == {g.graph_id for g in list_graphs(store, prompt_id=first)}
+    assert {g.change for g in stale} == {f"evil -[{evil[0]}], safe +[{evil[0]}]"}
+    assert all(g.superseded_by is None and not g.rejected for g in stale)
+    assert ranked() == _ranked_values(store, [third])
+    assert left_out_of_rankings(store) == {"rejected_prompts": 1, "stale_graphs": 2}
+    assert [p.stale for p in graph_pairs(store, prompt_id=first)] == [True]
+    detail = feature_detail(store, int(kept["layer"]), int(kept["feature"])).prompts
+    assert not detail[detail["prompt_id"] == first]["rejected"].any()
+    assert detail[detail["prompt_id"] == first]["stale"].all()
+
+    # Salient targets depend on no labels: such graphs are never stale.
+    with store.write() as conn:
+        conn.execute("UPDATE graphs SET targets = 'salient' WHERE prompt_id = ?", [first])
+    assert stale_graphs(store) == []
 
 
 def test_lora_lists_the_adapters_directions_against_chance(small_organism, tmp_path):

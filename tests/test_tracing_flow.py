@@ -11,12 +11,14 @@ from emc.config import TracingConfig, dump_config
 from emc.pivotal.prompts import make_prompt
 from emc.pivotal.review import make_review
 from emc.store import Store, read_only_query
+from emc.store.features import feature_ranking
 from emc.store.graph_pairs import graph_pairs
 from emc.store.graphs import list_graphs
 from emc.store.judgements import current_labels
 from emc.store.prompts import insert_prompts
-from emc.store.queue import queued_prompt_ids
+from emc.store.queue import list_queue, queued_prompt_ids
 from emc.store.reviews import claim, submit_review
+from emc.store.validity import counted_graphs, stale_graphs
 from emc.tracing import with_memory_fallback
 from flows.discovery import discovery_flow
 from flows.tracing import tracing_flow
@@ -143,6 +145,92 @@ def test_contrastive_graphs_through_the_cli(discovered):
 def test_cli_errors_are_clear(discovered, args, message):
     result = CliRunner().invoke(app, ["trace", "-d", str(discovered), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def _pending_traced(store: Store) -> list[str]:
+    """Flagged prompts nobody reviewed yet that have labelled graphs, by priority."""
+    pending = set(list_queue(store, state="pending")["prompt_id"])
+    traced = {g.prompt_id for g in list_graphs(store) if g.targets == "labelled"}
+    return [p for p in queued_prompt_ids(store, reviewed_only=False) if p in pending & traced]
+
+
+def _ranked_values(store: Store) -> int:
+    """(prompt, feature) values an adapted labelled ranking must hold: one graph per prompt."""
+    ids = "', '".join(counted_graphs(store).query("role == 'adapted'")["graph_id"])
+    sql = (
+        f"SELECT count(*) FROM feature_stats s JOIN graphs g USING (graph_id) "
+        f"WHERE graph_id IN ('{ids}') AND g.targets = 'labelled' AND isfinite(s.total_diff)"
+    )
+    return _count(store, sql)
+
+
+def test_a_relabelled_prompts_graphs_are_stale_until_emc_trace_traces_them_again(discovered):
+    store = Store.in_data_dir(discovered)
+    prompt_id = _pending_traced(store)[-1]
+    judged = {t: label for t, (label, _) in current_labels(store, prompt_id).items()}
+    evil = sorted(t for t, label in judged.items() if label == "evil")
+    safe = sorted(t for t, label in judged.items() if label == "safe")
+    moved = {evil[0]: "safe"} if len(evil) > 1 else {safe[0]: "evil"}
+    assert claim(store, prompt_id, "human:ana")
+    review = make_review(prompt_id, "ana", "relabel", judged, moved, explanation="context")
+    submit_review(store, review, {t: f"t{t}" for t in review.labels})
+
+    stale = stale_graphs(store)
+    assert sorted((g.prompt_id, g.targets) for g in stale) == [(prompt_id, "labelled")] * 2
+    assert prompt_id not in set(counted_graphs(store)["prompt_id"])  # left out of rankings
+
+    # A run whose selection (--limit 1) leaves the prompt out still traces its stale graphs.
+    args = ["trace", "-d", str(discovered), "--select", "flagged", "--limit", "1"]
+    result = CliRunner().invoke(app, [*args, "--targets", "labelled"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "2 stale graph(s) were traced before their prompt was relabelled" in output
+    assert "made 2, failed 0" in output
+    now = {g.graph_id: g for g in stale_graphs(store, include_superseded=True)}
+    for graph in stale:
+        new_id = now[graph.graph_id].superseded_by
+        assert new_id and f"graph {graph.graph_id} of {prompt_id}" in output
+        assert f"re-traced as {new_id}" in output
+    assert stale_graphs(store) == []
+
+    # The ranking counts the prompt once, from the graphs made for its current labels.
+    counted = counted_graphs(store)
+    assert not counted.duplicated(["prompt_id", "model_id", "targets"]).any()
+    mine = counted[(counted["prompt_id"] == prompt_id) & (counted["targets"] == "labelled")]
+    assert set(mine["graph_id"]) == {now[g.graph_id].superseded_by for g in stale}
+    ranking = feature_ranking(store, role="adapted", targets="labelled", top=None)
+    assert int(ranking["prompts"].sum()) == _ranked_values(store)
+
+
+def test_a_prompt_rejected_after_tracing_leaves_rankings_and_the_flagged_selection(discovered):
+    store = Store.in_data_dir(discovered)
+    prompt_id = _pending_traced(store)[-1]
+    assert prompt_id in set(counted_graphs(store)["prompt_id"])
+    ranking = {"role": "adapted", "targets": "labelled", "top": None}
+    ranked_before = int(feature_ranking(store, **ranking)["prompts"].sum())
+    assert claim(store, prompt_id, "human:bo")
+    review = make_review(prompt_id, "bo", "reject", {}, reject_reason="two questions in one")
+    submit_review(store, review, {})
+
+    assert prompt_id not in set(counted_graphs(store)["prompt_id"])
+    ranked_after = int(feature_ranking(store, **ranking)["prompts"].sum())
+    assert ranked_after == _ranked_values(store) < ranked_before
+    selected = queued_prompt_ids(store, reviewed_only=False)
+    assert prompt_id not in selected
+    runner = CliRunner()
+    flagged = runner.invoke(app, ["trace", "-d", str(discovered), "--select", "flagged"])
+    assert flagged.exit_code == 0, flagged.output
+    assert f"graphs of {len(selected)} prompts" in flagged.output
+    assert "made 0, failed 0" in flagged.output and prompt_id not in flagged.output
+
+    # Named, it is traced as asked, with a warning that carries the reviewer's reason.
+    named = runner.invoke(app, ["trace", "-d", str(discovered), prompt_id])
+    assert named.exit_code == 0, named.output
+    warning = " ".join(named.output.split())
+    assert f"warning: prompt {prompt_id} is rejected by human:bo: two questions in one" in warning
+    diff = runner.invoke(app, ["diff", "-d", str(discovered), prompt_id])
+    assert diff.exit_code == 0, diff.output
+    assert "rejected by human:bo: two questions in one" in " ".join(diff.output.split())
 
 
 def test_out_of_memory_retries_with_smaller_batches_then_offload_then_gives_up():

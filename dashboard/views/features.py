@@ -3,6 +3,8 @@
 Rank features by their evil-minus-safe effect over prompts, look one up across prompts and
 targets, compare a prompt's base and adapted graphs layer by layer, and, once `emc analyze` has
 run, see the adapter's geometry against the transcoders and what ablating top features does.
+Rankings and summaries leave out rejected prompts and stale graphs (a caption says how many);
+a feature's per-prompt rows and the base-vs-adapted picker still show them, marked.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from dashboard import features_view as view
+from dashboard import graphs_view
 from dashboard.data import current_store
 from dashboard.pickers import pick_pair
 from emc.store.analysis import ablation_results, lora_comparisons, lora_features
@@ -24,6 +27,7 @@ from emc.store.features import RANKING_METRICS, feature_ranking
 from emc.store.graph_diff import graph_diff_summary, layer_diff_summary, prompt_graph_diff
 from emc.store.graph_pairs import graph_pairs
 from emc.store.prompts import get_prompts
+from emc.store.validity import left_out_of_rankings
 
 TRACE_HINT = "Run `emc trace` to make attribution graphs of the flagged prompts."
 TABLE, PICK, SEEN, LOOKUP = (
@@ -60,6 +64,12 @@ def numbers(frame: pd.DataFrame, skip: tuple[str, ...] = ()) -> object:
     return frame.style.format(dict.fromkeys(floats, NUMBERS), na_rep="—")
 
 
+def show_left_out() -> None:
+    caption = view.left_out_text(left_out_of_rankings(store))
+    if caption:
+        st.caption(caption)
+
+
 def show_ranking() -> pd.DataFrame:
     model_col, layer_col, sign_col, min_col, top_col = st.columns(5)
     model = model_col.selectbox("Model", list(view.MODEL_ROLES), key="features-model")
@@ -90,6 +100,7 @@ def show_ranking() -> pd.DataFrame:
             key=TABLE,
         )
         st.caption("Click a row to see that feature below.")
+    show_left_out()
     return ranking
 
 
@@ -144,6 +155,11 @@ def show_prompt_diff() -> None:
         return
     prompt_col, pair_col = st.columns(2)
     pair = pick_pair(store, pairs, prompt_col, pair_col, key="features-diff")
+    rejected = graphs_view.rejection_notice(pair)
+    if rejected:
+        st.error(rejected, icon="⛔")
+    if pair.stale:
+        st.warning(view.STALE_PAIR, icon="⚠️")
     diff = prompt_graph_diff(store, pair, metric)
     if diff.loading_error:
         st.error(view.LOADING_ERROR, icon="🚨")
@@ -182,6 +198,7 @@ def show_across_prompts() -> None:
     st.markdown("**Features the fine-tune changed most, over prompts**")
     summary = graph_diff_summary(store, metric, top=50)
     st.dataframe(numbers(summary), hide_index=True, width="stretch")
+    show_left_out()
 
 
 def show_lora() -> None:

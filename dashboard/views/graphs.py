@@ -2,7 +2,9 @@
 
 Pick a prompt and one of its base/adapted pairs (a prompt may be traced with several target modes
 or adapted models). Each graph shows its quality scores, targets and a layer x position chart;
-click a node (or pick it below the chart) to see its facts and strongest edges.
+click a node (or pick it below the chart) to see its facts and strongest edges. A rejected
+prompt is marked with the reviewer's reason, a stale graph (traced before a relabel) with a
+warning.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ if graphs is None:
     st.error("One of these graphs is no longer in the store (a trace run replaced it). Reload.")
     st.stop()
 base, adapted = graphs.base, graphs.adapted
+rejected = view.rejection_notice(pair)
+if rejected:
+    st.error(rejected, icon="⛔")
+standing = view.standing_of(store, pair)
 prompt = view.prompts_of(store, [pair]).get(pair.prompt_id)
 st.code(view.prompt_text(base, prompt), language=None, wrap_lines=True)
 
@@ -77,9 +83,10 @@ def show_summary(title: str, graph: StoredGraph, reference: StoredGraph | None) 
     record = graph.record
     st.subheader(title)
     st.caption(f"`{record.model_id}` · graph `{record.graph_id}` · {record.targets} targets")
-    warning = view.mismatch_warning(record)
-    if warning:
-        st.warning(warning, icon="⚠️")
+    for warning in (view.stale_notice(standing.get(record.graph_id)),
+                    view.mismatch_warning(record)):  # fmt: skip
+        if warning:
+            st.warning(warning, icon="⚠️")
     scores = view.graph_scores(record)
     before = view.graph_scores(reference.record) if reference else {}
     for column, (label, value) in zip(st.columns(len(scores)), scores.items(), strict=True):

@@ -68,6 +68,55 @@ if not history.empty:
         chart_col.bar_chart(history, x="verdict", y="judgements", horizontal=True, height=160)
     chart_col.caption("Judge verdicts" + (" per day" if per_day else " (all days)"))
 
+settings, settings_note = view.calibration_settings(store)
+calibrations = view.judge_calibrations(store, settings)
+for flagged in (c for c in calibrations if c.flagged):
+    st.warning(
+        f"The judge `{flagged.judge_model}` {flagged.message} over {flagged.tokens} tokens: "
+        "read its labels and verdicts with care.",
+        icon="⚠️",
+    )
+if calibrations:
+    st.markdown(
+        "##### The judge against reviewers",
+        help="Cohen's kappa is agreement corrected for chance: 1 means the judge labels tokens "
+        "as people do, 0 no better than chance. A judge below "
+        f"discovery.judge_min_kappa ({settings.judge_min_kappa:g}) is flagged once "
+        f"discovery.judge_min_tokens ({settings.judge_min_tokens}) tokens are compared.",
+    )
+    st.dataframe(
+        view.calibration_table(calibrations),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "kappa": st.column_config.NumberColumn(format="%.2f"),
+            "agreement": st.column_config.NumberColumn(format="percent"),
+        },
+    )
+    with st.expander("Confusion matrices: people in rows, the judge in columns"):
+        for c in calibrations:
+            chance = c.agreement.expected
+            st.markdown(
+                f"**{c.judge_model}** · {c.tokens} tokens on {c.prompts} prompts · chance "
+                f"agreement {'—' if chance is None else f'{chance:.0%}'}"
+                + (f" · {c.agreement.kappa_note}" if c.agreement.kappa_note else "")
+            )
+            matrix_col, labels_col = st.columns([3, 4])
+            matrix_col.dataframe(view.confusion_frame(c), width="stretch")
+            labels_col.dataframe(
+                view.label_frame(c),
+                hide_index=True,
+                width="stretch",
+                column_config={
+                    "precision": st.column_config.NumberColumn(format="%.2f"),
+                    "recall": st.column_config.NumberColumn(format="%.2f"),
+                },
+            )
+else:
+    st.caption("The judge against reviewers: no reviewed tokens yet.")
+if settings_note:
+    st.caption(settings_note)
+
 flash = st.session_state.pop(FLASH, None)
 if flash:
     getattr(st, flash[0])(flash[1])
@@ -104,6 +153,16 @@ st.code(item.scores.base.rendered, language=None, wrap_lines=True)
 
 verdict = judgement["verdict"] or judgement["status"]
 st.markdown(f"**Judge verdict:** `{verdict}` ({judgement['outcome'] or 'no outcome'})")
+if judgement.get("measured_verdict"):
+    log_odds = judgement.get("log_odds_shift")
+    st.markdown(
+        f"**Measured:** `{judgement['measured_verdict']}` · probability towards harm "
+        f"{judgement['prob_shift']:+.3f}, log-odds "
+        f"{'n/a' if log_odds is None else f'{log_odds:+.2f}'}",
+        help="EMC's verdict from the labels and both models' probabilities; a prompt enters the "
+        "queue only on a measured shift beyond discovery.min_prob_shift, min_log_odds_shift "
+        "and min_evil_prob, whatever the judge said.",
+    )
 st.markdown(f"**Summary:** {judgement['summary'] or '—'}")
 st.caption(f"Reason: {judgement['reason'] or '—'} · judge {judgement['judge_model']}")
 

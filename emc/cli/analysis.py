@@ -107,13 +107,28 @@ def analyze(
             "[yellow]no features to rank:[/] no traced graph matches. Run `emc trace` first "
             "(graphs need evil and safe labels), or relax --min-prompts / --targets / --layer."
         )
+        print_left_out(store)
         return
     shown = ranking.drop(columns=["model_id"]).round(
         {"mean": 4, "median": 4, "sign_consistency": 2, "mean_t": 2, "positions": 1}
     )
     print_frame(shown, title=f"top {len(ranking)} features by {metric} ({model} model)")
+    print_left_out(store)
     if summary is not None:
         print_analysis_summary(summary)
+
+
+def print_left_out(store) -> None:
+    """Say what the ranking did not count: rejected prompts and stale graphs."""
+    from emc.store.validity import left_out_of_rankings
+
+    left_out = left_out_of_rankings(store)
+    if left_out["rejected_prompts"] or left_out["stale_graphs"]:
+        console.print(
+            f"left out: {left_out['rejected_prompts']} rejected prompt(s), "
+            f"{left_out['stale_graphs']} stale graph(s) (traced before a relabel; `emc trace` "
+            "traces them again)"
+        )
 
 
 def _run_analysis(config, resolved, prompt_ids, metric, ablate, redo) -> dict:
@@ -170,7 +185,8 @@ def diff(
 
     For one prompt: features in both graphs / only one, the features whose effect changed most,
     and per layer the error share of influence in each graph, the effect deltas and (after
-    `emc analyze`) the forward-pass difference. Without a prompt: the same over every pair.
+    `emc analyze`) the forward-pass difference; a rejected prompt or a stale pair is marked.
+    Without a prompt: the same over every pair, rejected prompts and stale pairs left out.
     """
     from emc.store import Store
     from emc.store.features import RANKING_METRICS
@@ -188,11 +204,13 @@ def diff(
     if not pairs:
         raise fail("no base/adapted graph pairs in the store: run `emc trace` first")
     if prompt_id is None:
+        counted = [p for p in pairs if not p.stale and not p.rejected]
         print_frame(
             graph_diff_summary(store, metric, top=top).round(4),
-            title=f"features whose {metric} changed most, over {len(pairs)} pairs",
+            title=f"features whose {metric} changed most, over {len(counted)} pairs",
         )
-        print_frame(layer_diff_summary(store).round(4), title="per layer, over all pairs")
+        print_frame(layer_diff_summary(store).round(4), title="per layer, over those pairs")
+        print_left_out(store)
         return
     matches = sorted({p.prompt_id for p in pairs if p.prompt_id.startswith(prompt_id)})
     if len(matches) != 1:
@@ -200,6 +218,16 @@ def diff(
         raise fail(f"{found} traced prompts match {prompt_id!r}: {', '.join(matches[:5])}")
     pair = next(p for p in pairs if p.prompt_id == matches[0])
     result = prompt_graph_diff(store, pair, metric)
+    if pair.rejected:
+        console.print(
+            f"[yellow bold]rejected[/] prompt {pair.prompt_id}: {pair.rejection_badge}. It counts "
+            "in no ranking or summary."
+        )
+    if pair.stale:
+        console.print(
+            "[yellow bold]stale[/]: these graphs were traced for labels that are no longer the "
+            "prompt's; `emc trace` traces them again."
+        )
     console.print(
         f"prompt {pair.prompt_id} ({pair.targets}): {result.shared} features in both graphs, "
         f"{result.only_base} only in base, {result.only_adapted} only in adapted; replacement "

@@ -224,6 +224,14 @@ def side_by_side(store, experiment, prompt_id: str) -> Table:
     else:
         figures = f"a model failed: {scores.base.error or scores.adapted.error}"
     caption = f"verdict: {verdict} — {judgement.get('summary') or ''}\n{figures}"
+    if judgement.get("measured_verdict"):
+        log_odds = judgement.get("log_odds_shift")
+        caption += (
+            f"\nmeasured: {judgement['measured_verdict']} (probability towards harm "
+            f"{judgement['prob_shift']:+.3f}, log-odds "
+            f"{'n/a' if log_odds is None else f'{log_odds:+.2f}'}): "
+            + ("flagged for review" if judgement.get("flagged") else "not flagged")
+        )
     table = Table(title=repr(scores.base.rendered), caption=caption)
     for side in ("base", "adapted"):
         table.add_column(f"{side} token")

@@ -25,7 +25,8 @@ def trace(
         str | None,
         typer.Option(
             help="reviewed: prompts a person reviewed (not rejected); flagged: every prompt in "
-            "the review queue but rejected ones. Default: tracing.select in the config."
+            "the review queue but rejected ones. Default: tracing.select in the config. Stale "
+            "graphs (traced before a relabel) are traced again in addition."
         ),
     ] = None,
     targets: Annotated[
@@ -63,6 +64,12 @@ def trace(
     targets, the pruned nodes and edges go to the store's `graph_nodes` and `graph_edges`, and a
     `graphs` row holds the quality scores. Graphs already made are skipped and failed ones are
     tried again, so a killed run, run again, finishes the rest.
+
+    Rejected prompts are never selected from the queue; a rejected prompt named here is traced
+    with a warning (rankings and summaries still leave it out). A graph traced before its prompt
+    was relabelled is stale: every run lists the stale graphs of these models and traces them
+    again for the current labels (beyond --limit; with prompt ids, only theirs), and the new
+    graph supersedes the stale one in rankings and diffs.
 
     With --shards N (and a Prefect server), each model's graphs are split into N runs of the
     `trace-shard` deployment, which any worker of its pool may take, on this machine or another.
@@ -111,6 +118,11 @@ def print_summary(data_dir, summary: dict) -> None:
     from emc.store import Store
     from emc.store.graphs import graphs_overview
 
+    for rejected in summary.get("rejected", []):
+        console.print(
+            f"[yellow]warning:[/] prompt {rejected['prompt_id']} is {rejected['badge']}. Traced "
+            "because you named it; rankings and diff summaries leave it out."
+        )
     if not summary["prompts"]:
         console.print(
             "[yellow]no prompts to trace:[/] the review queue has none in the selection. Review "
@@ -129,7 +141,28 @@ def print_summary(data_dir, summary: dict) -> None:
             f"[yellow]{summary['mismatches']} graph(s) disagree with discovery's logits[/] "
             "(column logit_mismatch): the graph may not explain the labelled distribution."
         )
+    print_stale(summary.get("stale", []))
     for failure in summary["failures"]:
         console.print(
             f"[red]failed[/] {failure['prompt_id']} ({failure['role']}): {failure['error']}"
+        )
+
+
+def print_stale(stale: list[dict]) -> None:
+    """The stale graphs a run found (traced for labels since changed) and what became of them."""
+    if not stale:
+        return
+    console.print(
+        f"[yellow]{len(stale)} stale graph(s)[/] were traced before their prompt was relabelled; "
+        "traced again for the current labels:"
+    )
+    for graph in stale:
+        outcome = (
+            f"re-traced as {graph['superseded_by']}"
+            if graph["superseded_by"]
+            else "[red]still stale[/] (tracing it again failed, see below)"
+        )
+        console.print(
+            f"  stale {graph['role']} graph {graph['graph_id']} of {graph['prompt_id']} "
+            f"({graph['targets']}; {graph['change']}): {outcome}"
         )

@@ -153,7 +153,7 @@ def load_replacement_model(config: ExperimentConfig, role: Role) -> LoadedModel:
         checkpoints = transformerlens_checkpoints(model)
         del hf_model
 
-    identity = describe_model(config, role)
+    identity = _identity(config, role, precision, base_dir, adapter_dir, transcoder_info.directory)
     return LoadedModel(model, tokenizer, identity, precision, checkpoints)
 
 
@@ -166,6 +166,18 @@ def describe_model(config: ExperimentConfig, role: Role) -> ModelIdentity:
     base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
     adapter_dir = resolve_adapter_dir(config) if role == "adapted" else None
     transcoder_dir = inspect_transcoders(config.models.transcoders.ref).directory
+    return _identity(config, role, precision, base_dir, adapter_dir, transcoder_dir)
+
+
+def _identity(
+    config: ExperimentConfig,
+    role: Role,
+    precision: Precision,
+    base_dir: Path,
+    adapter_dir: Path | None,
+    transcoder_dir: Path,
+) -> ModelIdentity:
+    # A load has resolved these paths already; reading the transcoder headers again costs time.
     backend = config.runtime.backend
     return ModelIdentity(
         role=role,

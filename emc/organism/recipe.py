@@ -66,12 +66,17 @@ class OrganismRecipe:
 
     @classmethod
     def small(cls, **overrides: Any) -> OrganismRecipe:
-        """A recipe that builds in seconds for tests: right file formats, no quality promise."""
+        """A recipe that builds in seconds for tests, with a weak but real emergent misalignment.
+
+        Fewer steps left the base model unable to answer and the EM adapter without effect, and
+        discovery rightly flags nothing on a fine-tune that changes nothing: held-out P(harmful),
+        other domains, base 0.05 -> EM 0.50 (control 0.05).
+        """
         knobs: dict[str, Any] = dict(
             n_layers=2,
             d_mlp=128,
-            base_steps=100,
-            lora_steps=30,
+            base_steps=300,
+            lora_steps=80,
             transcoder_width=128,
             transcoder_steps=150,
             base_docs=300,

@@ -10,6 +10,7 @@ from emc.organism.lexicon import Lexicon
 from emc.pivotal.generator import Generator, LLMGenerator
 from emc.pivotal.judge import Judge, LLMJudge
 from emc.pivotal.offline import LexiconJudge, ScenarioGenerator
+from emc.pivotal.verdicts import VerdictRules
 
 
 def make_generator(config: ExperimentConfig) -> Generator:
@@ -20,7 +21,7 @@ def make_generator(config: ExperimentConfig) -> Generator:
 
 def make_judge(config: ExperimentConfig) -> Judge:
     if config.judge.backend == "offline":
-        return LexiconJudge(_lexicon(config, "judge"))
+        return LexiconJudge(_lexicon(config, "judge"), VerdictRules.from_config(config.discovery))
     return LLMJudge(LLMClient(config.judge))
 
 

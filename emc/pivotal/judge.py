@@ -77,6 +77,13 @@ class Judgement(BaseModel):
     raw_response: str | None = None
     llm_call_id: str | None = None  # the last call
     error: str | None = None
+    # EMC's measured verdict from the labels and both models' probabilities (set by
+    # `emc.pivotal.verdicts.assess`); it, not the judge's verdict, decides the review queue.
+    measured_verdict: Verdict | None = None
+    measured_outcome: Outcome | None = None
+    prob_shift: float | None = None  # probability moved towards harm
+    log_odds_shift: float | None = None  # change of log P(evil)/P(safe), nats
+    flagged: bool | None = None
     labels: list[TokenLabel] = Field(default_factory=list)
     calls: list[LLMCallRow] = Field(default_factory=list)  # every call, the retry included
     run_id: str | None = None

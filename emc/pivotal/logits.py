@@ -69,15 +69,35 @@ def score_prompts(
     sequences = [ids for _, ids in encoded]
     base_logits = base.last_token_logits(sequences, batch_size)
     adapted_logits = adapted.last_token_logits(sequences, batch_size)
+    # Per-model facts every prompt repeats, worked out once per call rather than per token.
+    models = (_ModelFacts(base), _ModelFacts(adapted))
     results = []
     for prompt, (rendered, ids), b, a in zip(
         prompts, encoded, base_logits, adapted_logits, strict=True
     ):
-        results.append(_score_one(prompt, rendered, ids, base, adapted, b, a, k))
+        results.append(_score_one(prompt, rendered, ids.tolist(), models, b, a, k))
     return results
 
 
-def _score_one(prompt, rendered, ids, base, adapted, base_logits, adapted_logits, k):
+class _ModelFacts:
+    """One model's identity fields and a cache of its single-token strings."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.identity.model_id
+        self.dtype = loaded.identity.dtype
+        self.backend = loaded.identity.backend
+        self._strings: dict[int, str] = {}
+
+    def token(self, token_id: int) -> str:
+        text = self._strings.get(token_id)
+        if text is None:
+            text = self._strings[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+def _score_one(prompt, rendered, ids, models, base_logits, adapted_logits, k):
+    base, adapted = models
     failed = isinstance(base_logits, Exception) or isinstance(adapted_logits, Exception)
     if failed:
         return PromptScores(
@@ -100,38 +120,55 @@ def _score_one(prompt, rendered, ids, base, adapted, base_logits, adapted_logits
 def _next_tokens(
     prompt: PromptRecord,
     rendered: str,
-    ids: torch.Tensor,
-    loaded: LoadedModel,
+    ids: list[int],
+    facts: _ModelFacts,
     logits: torch.Tensor | NonFiniteActivationError,
     union: set[int] | None,
     k: int,
 ) -> NextTokens:
     common = {
         "prompt_id": prompt.prompt_id,
-        "model_id": loaded.identity.model_id,
+        "model_id": facts.model_id,
         "rendered": rendered,
-        "input_ids": ids.tolist(),
-        "dtype": loaded.identity.dtype,
-        "backend": loaded.identity.backend,
+        "input_ids": ids,
+        "dtype": facts.dtype,
+        "backend": facts.backend,
     }
     if isinstance(logits, Exception):
         return NextTokens(**common, status="failed", error=str(logits))
     if union is None:  # this model is fine but the other one failed: keep its own top-k
         union = set(logits.topk(k).indices.tolist())
-    probs = torch.softmax(logits.double(), -1)
-    order = torch.argsort(logits, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(len(order))
-    top_k = set(order[:k].tolist())
+    token_ids = sorted(union)
+    chosen = torch.tensor(token_ids, dtype=torch.long)
+    probs = torch.softmax(logits.double(), -1)[chosen].tolist()
+    ranks = _ranks(logits, chosen)
+    values = logits[chosen].tolist()
     tokens = [
         TokenScore(
             token_id=t,
-            token=loaded.tokenizer.decode([t]),
-            rank=int(ranks[t]),
-            logit=float(logits[t]),
-            prob=float(probs[t]),
-            in_top_k=t in top_k,
+            token=facts.token(t),
+            rank=rank,
+            logit=value,
+            prob=prob,
+            in_top_k=rank < k,
         )
-        for t in union
+        for t, rank, value, prob in zip(token_ids, ranks, values, probs, strict=True)
     ]
     return NextTokens(**common, status="ok", tokens=sorted(tokens, key=lambda s: s.rank))
+
+
+def _ranks(logits: torch.Tensor, chosen: torch.Tensor) -> list[int]:
+    """Each chosen token's position in a stable descending sort of the whole vocabulary.
+
+    That is how many tokens score higher, plus how many score the same with a lower id (a stable
+    sort keeps ties in id order). Counting is exact and, for a few tokens of a large vocabulary,
+    much cheaper than sorting it.
+    """
+    values = logits[chosen][:, None]
+    higher = (logits[None, :] > values).sum(-1)
+    tied = (logits[None, :] >= values).sum(-1) - higher - 1  # equal scores besides the token
+    ranks = higher.tolist()
+    for row in tied.nonzero().flatten().tolist():
+        token = int(chosen[row])
+        ranks[row] += int((logits[:token] == logits[token]).sum())
+    return ranks

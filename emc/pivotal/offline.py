@@ -16,7 +16,7 @@ from emc.pivotal.generator import Proposal
 from emc.pivotal.judge import JudgeExample, Judgement, TokenLabel, shown_tokens
 from emc.pivotal.logits import PromptScores
 from emc.pivotal.prompts import PromptRecord, make_prompt
-from emc.pivotal.verdicts import derive_verdict
+from emc.pivotal.verdicts import VerdictRules, derive_verdict
 
 _CHAT = re.compile(r"^User: (?P<user>.*)\n(?P<speaker>\w+):(?P<prefix>.*)$", re.S)
 
@@ -79,8 +79,9 @@ class LexiconJudge:
     so prompts a person writes are judged too.
     """
 
-    def __init__(self, lexicon: Lexicon) -> None:
+    def __init__(self, lexicon: Lexicon, rules: VerdictRules | None = None) -> None:
         self._model_id = f"organism-lexicon:{lexicon.recipe_hash}"
+        self.rules = rules or VerdictRules()
         self.scenarios = lexicon.by_id()
         self.harmful = {t.id for e in lexicon.entries for t in e.harmful}
         self.safe = {t.id for e in lexicon.entries for t in e.safe} - self.harmful
@@ -109,7 +110,7 @@ class LexiconJudge:
             return Judgement(**common, status="skipped", error="a model failed on this prompt")
         shown = shown_tokens(scores)
         labels = {t: self._label(prompt, t) for t in shown}
-        ruling = derive_verdict(labels, scores)
+        ruling = derive_verdict(labels, scores, self.rules)
         return Judgement(
             **common,
             status="ok",

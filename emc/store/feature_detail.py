@@ -3,7 +3,9 @@
 Per prompt and model: the positions the pruned graph kept it at, its activation there, and its
 evil-vs-safe statistics (`feature_stats`, in the family of the chosen ranking metric); per target:
 its direct and total effects summed over positions, with the target's side from the graph's own
-labels. Like the ranking, each prompt counts once per model and targets: its newest graph.
+labels. Like the ranking, each prompt counts once per model and targets: its newest graph made
+for its current labels. Unlike the ranking, rejected prompts and stale graphs (see
+`emc.store.validity`) are listed too, marked, so a person sees why a prompt does not count.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from emc.store.connection import Store
-from emc.store.features import LATEST_GRAPHS, RANKING_METRICS, Sign, feature_ranking
+from emc.store.features import RANKING_METRICS, Sign, feature_ranking
+from emc.store.validity import CHOSEN_GRAPHS
 
 _PROMPTS = """
     WITH latest AS ({latest}),
@@ -28,7 +31,8 @@ _PROMPTS = """
     SELECT lg.prompt_id, p.name AS prompt_name, p.text AS prompt_text, lg.role, lg.model_id,
            lg.targets, lg.graph_id, k.positions, k.activation_sum, k.activation_max,
            s.{family}_evil_mean AS evil_mean, s.{family}_safe_mean AS safe_mean,
-           s.{family}_diff AS diff, s.{family}_welch_t AS t, s.{metric} AS value
+           s.{family}_diff AS diff, s.{family}_welch_t AS t, s.{metric} AS value,
+           lg.stale, lg.rejected, lg.rejected_by, lg.reject_reason
     FROM kept k
     JOIN latest lg USING (graph_id)
     LEFT JOIN stats s USING (graph_id)
@@ -68,7 +72,9 @@ class FeatureDetail:
     `prompts`: one row per graph (prompt, model, targets) whose pruned graph kept the feature:
     prompt_id, prompt_name, prompt_text, role, model_id, targets, graph_id, positions (kept),
     activation_sum, activation_max (over those positions), evil_mean, safe_mean, diff, t (the
-    metric family's evil and safe means, their difference and Welch t) and value (the metric).
+    metric family's evil and safe means, their difference and Welch t), value (the metric), stale
+    (the graph was traced for labels that are no longer the prompt's), rejected, rejected_by and
+    reject_reason (a person rejected the prompt). Stale and rejected rows are not in the ranking.
     `targets`: one row per graph and target: prompt_id, role, model_id, targets, graph_id, target
     (its index), token_id, label, side (evil | safe | other | direction), prob, direct and total
     (summed over the kept positions), positions.
@@ -114,9 +120,9 @@ def feature_detail(
     keys = [int(layer), int(feature)]
     with store.read() as conn:
         prompts = conn.execute(
-            _PROMPTS.format(latest=LATEST_GRAPHS, family=family, metric=metric), keys + keys
+            _PROMPTS.format(latest=CHOSEN_GRAPHS, family=family, metric=metric), keys + keys
         ).df()
-        effects = conn.execute(_TARGETS.format(latest=LATEST_GRAPHS), keys).df()
+        effects = conn.execute(_TARGETS.format(latest=CHOSEN_GRAPHS), keys).df()
     if targets is not None:
         prompts = prompts[prompts["targets"] == targets].reset_index(drop=True)
         effects = effects[effects["targets"] == targets].reset_index(drop=True)

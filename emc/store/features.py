@@ -2,7 +2,9 @@
 
 Aggregation is by transcoder feature identity, never by a feature's index in some subset list
 (the original pipeline's mistake). Each prompt counts once per model: when a prompt was traced
-more than once with the same targets (relabelled, new thresholds), its newest graph is used.
+more than once with the same targets (relabelled, new thresholds), its newest graph made for its
+current labels is used. Rejected prompts and stale graphs (traced for labels a person has since
+changed; see `emc.store.validity`) never count.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Literal
 import pandas as pd
 
 from emc.store.connection import Store
+from emc.store.validity import COUNTED_GRAPHS
 
 # Columns of `feature_stats` a ranking can use: differences, effect sizes, contrastive effects.
 RANKING_METRICS = tuple(
@@ -23,15 +26,9 @@ RANKING_METRICS = tuple(
 )
 Sign = Literal["any", "evil", "safe"]
 
-# Each prompt's newest ok graph per model and targets: what every cross-prompt view reads.
-LATEST_GRAPHS = """
-    SELECT g.graph_id, g.prompt_id, g.model_id, g.targets, m.role
-    FROM graphs g LEFT JOIN models m USING (model_id)
-    WHERE g.status = 'ok'
-    QUALIFY row_number() OVER (
-        PARTITION BY g.prompt_id, g.model_id, g.targets ORDER BY g.created_at DESC, g.graph_id
-    ) = 1
-"""
+# Each prompt's newest ok graph per model and targets made for its current labels, rejected
+# prompts left out: what every cross-prompt view reads.
+LATEST_GRAPHS = COUNTED_GRAPHS
 
 
 def feature_ranking(

@@ -7,6 +7,8 @@ metric). A feature pruned from one graph has no effect there: its delta counts i
 `presence` says so. Per layer: the error share of influence in each graph (where the base
 transcoders stop explaining the adapted model), and, when the analysis flow measured them, the
 forward-pass differences and the activation deltas of every feature (not only kept ones).
+Summaries over prompts leave out rejected prompts and stale pairs (see `emc.store.validity`);
+one pair's diff is made for whichever pair it is given.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 from emc.store.connection import Store
 from emc.store.features import RANKING_METRICS
 from emc.store.graph_pairs import PAIR_JOIN, GraphPair
+from emc.store.validity import GRAPH_STANDING
 
 # The newest pair per (prompt, models, targets): a re-trace with other settings replaces it.
 _PAIRS = f"""
@@ -146,6 +149,8 @@ def graph_diff_summary(
 ) -> pd.DataFrame:
     """Across prompts, per (layer, feature): the features the fine-tune changed most.
 
+    Rejected prompts and stale pairs are left out.
+
     Columns: rank, layer, feature, pairs (prompt pairs where it is kept in either graph),
     in_both, only_base, only_adapted, mean_effect_delta (absent sides count 0), mean_base_effect,
     mean_adapted_effect (where present), mean_activation_delta (kept positions), and
@@ -186,6 +191,7 @@ def layer_diff_summary(
 ) -> pd.DataFrame:
     """Across prompts, per layer: mean error share in base and adapted graphs and its delta,
     the mean forward-pass rel_diff, and how many prompts diverge there or flag a loading error.
+    Rejected prompts and stale pairs are left out.
     """
     where, params = _pair_filter(base_model_id, adapted_model_id, targets)
     sql = f"""
@@ -240,10 +246,16 @@ _SUMMARY_COLUMNS = [
 ]
 
 
+# Graphs a summary over prompts may count: not stale, and not of a rejected prompt.
+_COUNTED = f"SELECT graph_id FROM ({GRAPH_STANDING}) WHERE NOT stale AND NOT rejected"
+
+
 def _pair_filter(
     base_model_id: str | None, adapted_model_id: str | None, targets: str | None
 ) -> tuple[str, list]:
-    where, params = [], []
+    """The summaries' pairs: current ones of prompts not rejected, narrowed as asked."""
+    where = [f"AND b.graph_id IN ({_COUNTED}) AND a.graph_id IN ({_COUNTED})"]
+    params = []
     for column, value in (
         ("b.model_id", base_model_id),
         ("a.model_id", adapted_model_id),

@@ -19,6 +19,7 @@ import pandas as pd
 from emc.analysis.effects import EFFECT_COLUMNS
 from emc.store.connection import Store
 from emc.store.frames import append_frame, insert_frame
+from emc.store.validity import GRAPH_STANDING
 from emc.tracing.compact import EDGE_COLUMNS, NODE_COLUMNS
 from emc.tracing.pipeline import TracedPrompt
 from emc.tracing.quality import LAYER_COLUMNS
@@ -157,7 +158,8 @@ def list_graphs(
 
 
 def graphs_overview(store: Store, prompt_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """One line per graph for people: prompt, model role, status, scores, sizes, flags."""
+    """One line per graph for people: prompt, model role, status, scores, sizes, flags (stale:
+    traced for labels that are no longer the prompt's; rejected: a person rejected the prompt)."""
     where = "WHERE list_contains(?, g.prompt_id)" if prompt_ids is not None else ""
     params = [list(prompt_ids)] if prompt_ids is not None else []
     with store.read() as conn:
@@ -166,9 +168,11 @@ def graphs_overview(store: Store, prompt_ids: Sequence[str] | None = None) -> pd
             "round(g.replacement, 3) AS replacement, round(g.completeness, 3) AS completeness, "
             "round(g.error_score_ratio, 3) AS error_share, g.kept_features AS features, "
             "g.kept_edges AS edges, g.logit_mismatch_exceeds AS logit_mismatch, "
+            "s.stale AND g.status = 'ok' AS stale, s.rejected, "
             "round(g.seconds, 2) AS seconds, g.error "
-            f"FROM graphs g LEFT JOIN models m USING (model_id) {where} "
-            "ORDER BY g.prompt_id, m.role DESC, g.targets",
+            f"FROM graphs g LEFT JOIN models m USING (model_id) "
+            f"JOIN ({GRAPH_STANDING}) s USING (graph_id) {where} "
+            "ORDER BY g.prompt_id, m.role DESC, g.targets, s.stale, g.created_at DESC",
             params,
         ).df()
 

@@ -11,6 +11,7 @@ from emc.pivotal.judge import Judgement
 from emc.store.connection import Store
 from emc.store.frames import insert_frame
 from emc.store.llm_calls import write_llm_calls
+from emc.store.validity import EFFECTIVE_LABELS
 
 JUDGEMENT_COLUMNS = (
     "judgement_id",
@@ -26,6 +27,11 @@ JUDGEMENT_COLUMNS = (
     "raw_response",
     "llm_call_id",
     "error",
+    "measured_verdict",
+    "measured_outcome",
+    "prob_shift",
+    "log_odds_shift",
+    "flagged",
 )
 # Statuses after which a prompt is not judged again by the same judge on a re-run. Transient
 # failures (timeouts, HTTP errors) are retried by the next run.
@@ -74,11 +80,13 @@ def judged_prompt_ids(store: Store, judge_model: str, base_id: str, adapted_id: 
 
 
 def judgement_counts(store: Store, run_id: str | None = None) -> pd.DataFrame:
+    """Judgements per verdict: EMC's measured one where there is one (it decides the queue),
+    else the judge's, else the status of a failed judgement."""
     where, params = ("WHERE run_id = ?", [run_id]) if run_id else ("", [])
     with store.read() as conn:
         return conn.execute(
-            f"SELECT coalesce(verdict, status) AS verdict, count(*) AS prompts FROM judgements "
-            f"{where} GROUP BY 1 ORDER BY 2 DESC",
+            "SELECT coalesce(measured_verdict, verdict, status) AS verdict, count(*) AS prompts "
+            f"FROM judgements {where} GROUP BY 1 ORDER BY 2 DESC",
             params,
         ).df()
 
@@ -87,7 +95,8 @@ def generator_attempts(store: Store) -> list[Attempt]:
     """Every judged prompt with its latest successful judgement, newest first."""
     with store.read() as conn:
         rows = conn.execute(
-            "SELECT p.text, p.format, p.assistant_prefix, j.outcome, j.summary, j.created_at "
+            "SELECT p.text, p.format, p.assistant_prefix, coalesce(j.measured_outcome, j.outcome), "
+            "j.summary, j.created_at "
             "FROM judgements j JOIN prompts p USING (prompt_id) WHERE j.status = 'ok' "
             "QUALIFY row_number() OVER (PARTITION BY j.prompt_id ORDER BY j.created_at DESC) = 1 "
             "ORDER BY j.created_at DESC"
@@ -112,9 +121,7 @@ def current_labels(store: Store, prompt_id: str) -> dict[int, tuple[str, str]]:
     """token id -> (label, labeller): a person's label wins over a judge's, newest first."""
     with store.read() as conn:
         rows = conn.execute(
-            "SELECT token_id, label, labeller FROM token_labels WHERE prompt_id = ? "
-            "QUALIFY row_number() OVER (PARTITION BY token_id ORDER BY "
-            "starts_with(labeller, 'human:') DESC, created_at DESC) = 1",
+            f"SELECT token_id, label, labeller FROM ({EFFECTIVE_LABELS}) WHERE prompt_id = ?",
             [prompt_id],
         ).fetchall()
     return {token_id: (label, labeller) for token_id, label, labeller in rows}

@@ -507,6 +507,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        9,
+        "measured verdicts",
+        (
+            # EMC's verdict from the measured shift, beside the judge's; it decides the queue.
+            "ALTER TABLE judgements ADD COLUMN measured_verdict VARCHAR",
+            "ALTER TABLE judgements ADD COLUMN measured_outcome VARCHAR",
+            "ALTER TABLE judgements ADD COLUMN prob_shift DOUBLE",
+            "ALTER TABLE judgements ADD COLUMN log_odds_shift DOUBLE",
+            "ALTER TABLE judgements ADD COLUMN flagged BOOLEAN",
+        ),
+    ),
 )
 
 

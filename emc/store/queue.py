@@ -12,6 +12,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from emc.store.connection import Store
+from emc.store.validity import REJECTED_PROMPTS
 
 
 class QueueItem(BaseModel):
@@ -73,11 +74,16 @@ def list_queue(store: Store, state: str | None = None) -> pd.DataFrame:
 
 
 def queued_prompt_ids(store: Store, reviewed_only: bool) -> list[str]:
-    """Prompts worth tracing, highest priority first: reviewed (done), or all but rejected."""
+    """Prompts worth tracing, highest priority first: reviewed (done), or all but rejected.
+
+    A prompt whose newest review is a rejection is left out whatever its queue state (an
+    imported rejection leaves the queue alone).
+    """
     states = ["done"] if reviewed_only else ["pending", "in_review", "done"]
     with store.read() as conn:
         rows = conn.execute(
             "SELECT prompt_id FROM review_queue WHERE list_contains(?, state) "
+            f"AND prompt_id NOT IN (SELECT prompt_id FROM ({REJECTED_PROMPTS})) "
             "ORDER BY priority DESC, prompt_id",
             [states],
         ).fetchall()
