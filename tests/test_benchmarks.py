@@ -94,3 +94,24 @@ def test_discovery_quality_small(data_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "precision / recall / FPR, every threshold times a factor: em + nulls" in printed
     assert "-- goals" in printed
+
+
+def test_causal_checks_small(data_dir, tmp_path, capsys):
+    from benchmarks import causal_checks
+
+    out = tmp_path / "causal.json"
+    args = ["--data-dir", str(data_dir), "--small", "--variant", "default", "--doses", "1,5"]
+    assert causal_checks.main([*args, "--json", str(out)]) == 0
+
+    (result,) = json.loads(out.read_text())["variants"]
+    assert result["variant"] == "default" and result["prompts"] == 24
+    assert result["explained_min"] <= result["explained"] <= result["explained_max"]
+    assert result["shares"]["embed"] == 0  # a LoRA never changes the embeddings
+    kinds = {(r["family"], r["kind"]) for r in result["interventions"]}
+    assert {("adapter", "scale"), ("features", "restore"), ("direction", "ablate")} <= kinds
+    scale = {r["target"]: r["share"] for r in result["interventions"] if r["kind"] == "scale"}
+    assert scale["all x0"] == pytest.approx(0, abs=1e-9)
+    assert scale["all x1"] == pytest.approx(1, abs=1e-9)
+    assert result["best_narrow"]["narrow"] and result["best_narrow"]["role"] == "adapted"
+    assert set(result["goals"].values()) <= {True, False}
+    assert "best narrow intervention" in capsys.readouterr().out

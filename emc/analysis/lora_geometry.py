@@ -198,7 +198,7 @@ def lora_geometry(
         raise ValueError("top, n_null and chunk_features must be positive")
     adapter_dir, transcoder_dir = Path(adapter_dir), Path(transcoder_dir)
     info = inspect_transcoders(str(transcoder_dir))
-    updates, skipped = _read_adapter(adapter_dir)
+    updates, skipped = read_lora_updates(adapter_dir)
     _check_fits(updates, adapter_dir, info.d_model, info.n_layers, transcoder_dir)
     norms = _mlp_input_norms(Path(base_dir), info.n_layers, info.d_model) if base_dir else None
 
@@ -304,15 +304,27 @@ def chance_cosine_probabilities(edges: np.ndarray, d_model: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _LoraUpdate:
-    module: str
+class LoraUpdate:
+    """One adapted module: its weight changes by scale * B @ A."""
+
+    module: str  # e.g. model.layers.0.mlp.down_proj
     A: torch.Tensor  # [r, d_in]
     B: torch.Tensor  # [d_out, r]
     alpha: float
     scale: float
 
+    @property
+    def layer(self) -> int | None:
+        return _layer_of(self.module)
 
-def _read_adapter(adapter_dir: Path) -> tuple[list[_LoraUpdate], list[str]]:
+    @property
+    def kind(self) -> str:
+        """The module's own name (q_proj, down_proj, ...), shared across layers."""
+        return self.module.rsplit(".", 1)[-1]
+
+
+def read_lora_updates(adapter_dir: Path) -> tuple[list[LoraUpdate], list[str]]:
+    """Every LoRA module of a PEFT adapter (in layer order) and the weight keys that are not."""
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{adapter_dir} has no adapter_config.json: not a PEFT adapter")
@@ -350,7 +362,7 @@ def _read_adapter(adapter_dir: Path) -> tuple[list[_LoraUpdate], list[str]]:
         alpha_default = config.get("lora_alpha", 8)
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        updates.append(_LoraUpdate(module, A, B, alpha, scale))
+        updates.append(LoraUpdate(module, A, B, alpha, scale))
     if not updates:
         raise ModelLoadError(f"{adapter_dir}: no lora_A/lora_B weights found")
     return updates, skipped
@@ -386,7 +398,7 @@ def _layer_of(module: str) -> int | None:
 
 
 def _check_fits(
-    updates: list[_LoraUpdate], adapter_dir: Path, d_model: int, n_layers: int, tc_dir: Path
+    updates: list[LoraUpdate], adapter_dir: Path, d_model: int, n_layers: int, tc_dir: Path
 ) -> None:
     problems = []
     for u in updates:
@@ -406,7 +418,7 @@ def _check_fits(
         )
 
 
-def _module_geometry(u: _LoraUpdate, n_layers: int, n_directions: int | None) -> LoraModuleGeometry:
+def _module_geometry(u: LoraUpdate, n_layers: int, n_directions: int | None) -> LoraModuleGeometry:
     kind = u.module.rsplit(".", 1)[-1]
     layer = _layer_of(u.module)
     sigmas, U = _update_svd(u.A, u.B, u.scale)

@@ -5,6 +5,7 @@ from emc.cli import (  # noqa: F401  (registers commands)
     demo,
     discovery,
     graph,
+    interventions,
     judge,
     organism,
     server,

@@ -192,6 +192,7 @@ def diff(
     from emc.store.features import RANKING_METRICS
     from emc.store.graph_diff import graph_diff_summary, layer_diff_summary, prompt_graph_diff
     from emc.store.graph_pairs import graph_pairs
+    from emc.store.interventions import prompt_shift_components
 
     if metric not in RANKING_METRICS:
         raise fail(f"unknown --metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
@@ -246,6 +247,13 @@ def diff(
     columns = ["layer", "feature", "presence", "base_effect", "adapted_effect", "effect_delta"]
     columns += ["base_activation", "adapted_activation", "measured_delta"]
     print_frame(result.features.head(top)[columns].round(4), title=f"largest changes of {metric}")
+    shares = prompt_shift_components(store, pair.prompt_id, pair.base_model_id,
+                                     pair.adapted_model_id)  # fmt: skip
+    if shares.empty:
+        console.print("where the shift lives: not measured yet (run `emc patch`).")
+    else:
+        shown = shares[["component", "layer", "direct", "total_into_base", "total_from_adapted"]]
+        print_frame(shown.round(3), title="where the shift lives: share per component (emc patch)")
 
 
 @app.command()

@@ -72,7 +72,7 @@ def replace_forward_diffs(
     """A prompt's per-layer forward differences (FORWARD_COLUMNS), replacing earlier ones."""
     ids = (prompt_id, base_model_id, adapted_model_id)
     constants = {"run_id": run_id, "tolerance": tolerance, "dtype": dtype}
-    _replace(store, "forward_diffs", rows, FORWARD_COLUMNS, ids, **constants)
+    replace_prompt_rows(store, "forward_diffs", rows, FORWARD_COLUMNS, ids, **constants)
 
 
 def replace_activation_deltas(
@@ -85,7 +85,7 @@ def replace_activation_deltas(
 ) -> None:
     """A prompt's activation deltas (DELTA_COLUMNS), replacing earlier ones."""
     ids = (prompt_id, base_model_id, adapted_model_id)
-    _replace(store, "activation_deltas", deltas, DELTA_COLUMNS, ids, run_id=run_id)
+    replace_prompt_rows(store, "activation_deltas", deltas, DELTA_COLUMNS, ids, run_id=run_id)
 
 
 def measured_prompt_ids(store: Store, base_model_id: str, adapted_model_id: str) -> set[str]:
@@ -207,23 +207,26 @@ def _table_columns(conn, table: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def _replace(
+def replace_prompt_rows(
     store: Store,
     table: str,
     rows: pd.DataFrame,
     columns: Sequence[str],
     ids: tuple[str, str, str],
+    scope: dict[str, object] | None = None,
     **constants: object,
 ) -> None:
     """Replace one prompt and model pair's rows of `table` with `rows` plus the constant columns.
 
-    `ids` are the (prompt, base model, adapted model) the rows belong to.
+    `ids` are the (prompt, base model, adapted model) the rows belong to; `scope` narrows what
+    is replaced to rows with these column values (and sets them on the new rows).
     """
     _check(rows, columns, table)
-    keys = dict(zip(_MODELS_KEY, ids, strict=True))
+    keys = dict(zip(_MODELS_KEY, ids, strict=True)) | (scope or {})
     frame = rows[list(columns)].assign(**keys, **constants)
     with store.write() as conn:
-        conn.execute(f"DELETE FROM {table} WHERE {' AND '.join(f'{k} = ?' for k in keys)}", ids)
+        where = " AND ".join(f"{k} = ?" for k in keys)
+        conn.execute(f"DELETE FROM {table} WHERE {where}", list(keys.values()))
         append_frame(conn, table, frame)
 
 

@@ -519,6 +519,57 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE judgements ADD COLUMN flagged BOOLEAN",
         ),
     ),
+    Migration(
+        10,
+        "causal checks",
+        (
+            """
+            CREATE TABLE shift_components (     -- activation patching: where the shift lives
+                prompt_id           VARCHAR NOT NULL,
+                base_model_id       VARCHAR NOT NULL,
+                adapted_model_id    VARCHAR NOT NULL,
+                run_id              VARCHAR NOT NULL,
+                component           VARCHAR NOT NULL,  -- embed | attn | mlp | mlp_features | ...
+                layer               INTEGER NOT NULL,  -- -1: embeddings
+                direct_into_base    DOUBLE NOT NULL,   -- shares of the shift (1 = all of it)
+                direct_from_adapted DOUBLE NOT NULL,
+                total_into_base     DOUBLE,            -- full propagation; NULL for the MLP split
+                total_from_adapted  DOUBLE,
+                gap_base            DOUBLE NOT NULL,   -- mean evil logit - mean safe logit
+                gap_adapted         DOUBLE NOT NULL,
+                dtype               VARCHAR NOT NULL,
+                created_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, base_model_id, adapted_model_id, component, layer)
+            )
+            """,
+            """
+            CREATE TABLE interventions (        -- adapter, feature and direction interventions
+                prompt_id        VARCHAR NOT NULL,
+                base_model_id    VARCHAR NOT NULL,
+                adapted_model_id VARCHAR NOT NULL,
+                run_id           VARCHAR NOT NULL,
+                family           VARCHAR NOT NULL,  -- adapter | features | direction
+                kind             VARCHAR NOT NULL,  -- scale, without_layer, restore, ablate, ...
+                target           VARCHAR NOT NULL,  -- all | layer 2 | down_proj | top 20 | ...
+                strength         DOUBLE NOT NULL,   -- k, where it applies
+                positions        VARCHAR NOT NULL,  -- all (every prompt position)
+                model_role       VARCHAR NOT NULL,  -- the model intervened on: base | adapted
+                n_targets        INTEGER,           -- features, modules or layers touched
+                gap              DOUBLE NOT NULL,
+                share            DOUBLE NOT NULL,   -- (gap - base gap) / shift
+                control_gap      DOUBLE,            -- matched random features or direction
+                control_share    DOUBLE,
+                gap_base         DOUBLE NOT NULL,
+                gap_adapted      DOUBLE NOT NULL,
+                details          JSON,              -- e.g. the features, with their layers
+                dtype            VARCHAR NOT NULL,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, base_model_id, adapted_model_id, family, kind, target,
+                             strength)
+            )
+            """,
+        ),
+    ),
 )
 
 

@@ -1,0 +1,254 @@
+"""Do the features EMC names carry the shift? Restore, zero or scale them and measure the gap.
+
+An edit sets chosen transcoder features at every position of a layer's MLP output: the MLP's
+output gains (new - current) activations times the decoder, with full propagation (attention and
+later layers recomputed from the edited stream; later transcoders re-encode their own inputs).
+The same hooks stay on while a model generates, so an edit persists at every generated position.
+
+- **restore**: in the adapted model, set the features to the base model's activations on the
+  same tokens: the causal test that they carry the fine-tune's shift.
+- **inject**: in the base model, set them to the adapted model's activations: do they reproduce
+  it?
+- **zero** and **scale** (x k, negative included): plain ablation and steering.
+
+Features are ranked per prompt by attribution patching: the first-order estimate of how much
+restoring a feature (at every position) would change the evil-minus-safe gap, the gradient of
+the gap with respect to the adapted model's feature activations times (base - adapted)
+activations. The anchors rank persona latents the same way (attribution to the contrast, not
+activation change). The matched control draws as many features from the same layers among those
+active on the prompt in either model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from emc.analysis.hooks import decoder_layers, hf_module, logit_gap, removing, split_targets
+from emc.models import LoadedModel, finite_guard
+
+Mode = Literal["restore", "inject", "zero", "scale"]
+Feature = tuple[int, int]  # (layer, feature)
+DOSES = (1, 5, 20, 100)
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """Which features to set, how, and (restore/inject) the activations to set them to."""
+
+    mode: Mode
+    features: tuple[Feature, ...]
+    strength: float = 0.0  # the factor for scale
+    source: Mapping[int, torch.Tensor] | None = None  # layer -> (n_pos, d_transcoder)
+
+    def by_layer(self) -> dict[int, torch.Tensor]:
+        layers: dict[int, list[int]] = {}
+        for layer, feature in self.features:
+            layers.setdefault(layer, []).append(feature)
+        return {layer: torch.tensor(sorted(set(fs))) for layer, fs in layers.items()}
+
+
+class DoseResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    mode: Mode
+    k: int | None  # None: every active feature
+    features: list[Feature]
+    gap: float
+    share: float  # (gap - base gap) / shift: the shift left (restore) or reproduced (inject)
+    control_gap: float | None
+    control_share: float | None
+
+
+def transcoder_set(loaded: LoadedModel):
+    transcoders = loaded.model.transcoders
+    return getattr(transcoders, "_module", transcoders)  # unwrap nnsight's Envoy
+
+
+@contextmanager
+def editing(loaded: LoadedModel, edit: FeatureEdit | None, record: dict | None = None):
+    """Hooks that apply `edit` to every MLP output (and optionally record each layer's feature
+    activations, (n_pos, d_transcoder), into `record`) until the block ends."""
+    hf = hf_module(loaded, "feature interventions")
+    transcoders = transcoder_set(loaded)
+    selected = edit.by_layer() if edit else {}
+    handles = []
+    for layer, block in enumerate(decoder_layers(hf)):
+        if layer not in selected and record is None:
+            continue
+        inputs: dict[str, torch.Tensor] = {}
+
+        def keep_input(_module, args, inputs=inputs):
+            inputs["x"] = args[0]
+
+        def apply(_module, _args, output, layer=layer, inputs=inputs):
+            transcoder = transcoders[layer]
+            acts = transcoder.encode(inputs["x"].to(transcoder.W_enc.dtype))
+            if record is not None:
+                record[layer] = acts[0].detach().float().cpu()
+            if layer not in selected:
+                return output
+            new = _edited(acts, selected[layer], edit, layer)
+            return output + ((new - acts) @ transcoder.W_dec).to(output.dtype)
+
+        handles.append(block.mlp.register_forward_pre_hook(keep_input))
+        handles.append(block.mlp.register_forward_hook(apply))
+    with removing(handles):
+        yield
+
+
+def _edited(acts: torch.Tensor, idx: torch.Tensor, edit: FeatureEdit, layer: int) -> torch.Tensor:
+    new = acts.clone()
+    idx = idx.to(acts.device)
+    if edit.mode == "zero":
+        new[..., idx] = 0
+    elif edit.mode == "scale":
+        new[..., idx] = acts[..., idx] * edit.strength
+    else:
+        source = edit.source[layer].to(acts.device, acts.dtype)  # type: ignore[index]
+        n_pos = acts.shape[-2]
+        if source.shape[0] < n_pos:
+            # Generated positions have no source activation: keep the model's own there.
+            pad = acts[0, source.shape[0] :]
+            source = torch.cat([source, pad], 0)
+        new[..., idx] = source[:n_pos][None][..., idx]
+    return new
+
+
+def gap_with(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    evil: list[int],
+    safe: list[int],
+    edit: FeatureEdit | None = None,
+    record: dict | None = None,
+) -> float:
+    hf = hf_module(loaded, "feature interventions")
+    with editing(loaded, edit, record), torch.inference_mode(), finite_guard(loaded._checkpoints):
+        logits = hf(input_ids=input_ids[None].to(loaded.precision.device)).logits[0, -1]
+    return logit_gap(logits, evil, safe)
+
+
+def attribution_ranking(
+    adapted: LoadedModel,
+    input_ids: torch.Tensor,
+    targets: Mapping[int, str],
+    base_acts: Mapping[int, torch.Tensor],
+) -> list[tuple[Feature, float]]:
+    """Every feature active in either model, with its estimated effect of restoring it on the
+    gap (negative: restoring it lowers the gap, i.e. it carries the shift), most negative first."""
+    evil, safe = split_targets(targets, "feature attribution")
+    hf = hf_module(adapted, "feature attribution")
+    transcoders = transcoder_set(adapted)
+    leaves: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer, block in enumerate(decoder_layers(hf)):
+        inputs: dict[str, torch.Tensor] = {}
+
+        def keep_input(_module, args, inputs=inputs):
+            inputs["x"] = args[0]
+
+        def leaf(_module, _args, output, layer=layer, inputs=inputs):
+            transcoder = transcoders[layer]
+            acts = transcoder.encode(inputs["x"].to(transcoder.W_enc.dtype)).detach()
+            acts.requires_grad_(True)
+            leaves[layer] = acts
+            # Adds zero, but routes the gradient through the feature activations.
+            return output + ((acts - acts.detach()) @ transcoder.W_dec).to(output.dtype)
+
+        handles.append(block.mlp.register_forward_pre_hook(keep_input))
+        handles.append(block.mlp.register_forward_hook(leaf))
+    with removing(handles), torch.enable_grad():
+        logits = hf(input_ids=input_ids[None].to(adapted.precision.device)).logits[0, -1]
+        gap = logits.double()[evil].mean() - logits.double()[safe].mean()
+        layers = sorted(leaves)
+        grads = torch.autograd.grad(gap, [leaves[layer] for layer in layers])
+    scored: list[tuple[Feature, float]] = []
+    for layer, grad in zip(layers, grads, strict=True):
+        adapted_acts = leaves[layer][0].detach().float().cpu()
+        base = base_acts[layer].float()
+        estimate = ((base - adapted_acts) * grad[0].float().cpu()).sum(0)
+        active = ((adapted_acts > 0) | (base > 0)).any(0)
+        for feature in torch.nonzero(active).flatten().tolist():
+            scored.append(((layer, feature), float(estimate[feature])))
+    return sorted(scored, key=lambda item: (item[1], item[0]))
+
+
+def matched_control(
+    chosen: Sequence[Feature],
+    active: Mapping[int, Sequence[int]],
+    seed: int = 0,
+) -> list[Feature]:
+    """As many features per layer as `chosen`, drawn from the layer's other active features."""
+    rng = np.random.default_rng(seed)
+    taken = set(chosen)
+    per_layer: dict[int, int] = {}
+    for layer, _ in chosen:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    control: list[Feature] = []
+    for layer, n in sorted(per_layer.items()):
+        pool = [f for f in active.get(layer, ()) if (layer, f) not in taken]
+        picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False) if pool else []
+        control += [(layer, pool[int(i)]) for i in sorted(picks)]
+    return control
+
+
+def dose_response(
+    base: LoadedModel,
+    adapted: LoadedModel,
+    input_ids: torch.Tensor,
+    targets: Mapping[int, str],
+    doses: Sequence[int] = DOSES,
+    seed: int = 0,
+) -> tuple[float, float, list[DoseResult]]:
+    """Restore the top-k attributed features in the adapted model and inject them into the base
+    model, for each k and for every active feature, each against a matched random control.
+
+    Returns (base gap, adapted gap, results)."""
+    evil, safe = split_targets(targets, "feature interventions")
+    base_acts: dict[int, torch.Tensor] = {}
+    adapted_acts: dict[int, torch.Tensor] = {}
+    gap_base = gap_with(base, input_ids, evil, safe, record=base_acts)
+    gap_adapted = gap_with(adapted, input_ids, evil, safe, record=adapted_acts)
+    shift = gap_adapted - gap_base
+    if shift == 0:
+        raise ValueError("the models' gaps are equal on this prompt: no shift to intervene on")
+    ranking = attribution_ranking(adapted, input_ids, targets, base_acts)
+    active = {
+        layer: torch.nonzero(((base_acts[layer] > 0) | (adapted_acts[layer] > 0)).any(0))
+        .flatten()
+        .tolist()
+        for layer in base_acts
+    }
+    results = []
+    for k in [*[d for d in doses if d < len(ranking)], None]:
+        chosen = [feature for feature, _ in (ranking if k is None else ranking[:k])]
+        control = matched_control(chosen, active, seed) if k is not None else None
+        for mode, model, source in (
+            ("restore", adapted, base_acts),
+            ("inject", base, adapted_acts),
+        ):
+            edit = FeatureEdit(mode, tuple(chosen), 0, source)
+            gap = gap_with(model, input_ids, evil, safe, edit)
+            control_gap = None
+            if control:
+                control_edit = FeatureEdit(mode, tuple(control), 0, source)
+                control_gap = gap_with(model, input_ids, evil, safe, control_edit)
+            results.append(
+                DoseResult(
+                    mode=mode,
+                    k=k,
+                    features=chosen,
+                    gap=gap,
+                    share=(gap - gap_base) / shift,
+                    control_gap=control_gap,
+                    control_share=None if control_gap is None else (control_gap - gap_base) / shift,
+                )
+            )
+    return gap_base, gap_adapted, results

@@ -1,0 +1,52 @@
+"""What patching and intervening on a model share: the Hugging Face modules behind a loaded
+replacement model, and the evil-minus-safe logit gap they are measured by."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+
+from emc.models import LoadedModel
+
+
+def hf_module(loaded: LoadedModel, purpose: str) -> torch.nn.Module:
+    """The Hugging Face model the nnsight backend wraps (same weights, same forward)."""
+    if loaded.identity.backend != "nnsight":
+        raise ValueError(
+            f"{purpose} hooks the Hugging Face modules the nnsight backend wraps; "
+            f"{loaded.identity.model_id} runs on {loaded.identity.backend} (set runtime.backend: "
+            "nnsight)"
+        )
+    return loaded.model._model
+
+
+def split_targets(targets: Mapping[int, str], purpose: str) -> tuple[list[int], list[int]]:
+    """Sorted evil and safe token ids; both kinds are needed for a gap."""
+    evil = sorted(t for t, label in targets.items() if label == "evil")
+    safe = sorted(t for t, label in targets.items() if label == "safe")
+    if not evil or not safe:
+        raise ValueError(f"{purpose} needs at least one evil and one safe token")
+    return evil, safe
+
+
+def logit_gap(logits: torch.Tensor, evil: list[int], safe: list[int]) -> float:
+    """Mean logit of the evil tokens minus mean logit of the safe ones (float64)."""
+    logits = logits.double()
+    return float(logits[evil].mean() - logits[safe].mean())
+
+
+def decoder_layers(hf: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks, in order (`model.layers` of a causal LM)."""
+    return list(getattr(hf, "model", hf).layers)
+
+
+@contextmanager
+def removing(handles: list) -> Iterator[None]:
+    """Remove hook handles however the block ends."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

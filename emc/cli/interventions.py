@@ -1,0 +1,146 @@
+"""`emc patch` and `emc intervene`: where the harmful shift lives, and what removes it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from emc.cli.app import ConfigOption, DataDirOption, app, fail
+from emc.console import console, print_frame
+
+PromptIds = Annotated[
+    list[str] | None,
+    typer.Argument(help="Prompts to check. Default: every prompt with a current graph pair."),
+]
+Limit = Annotated[int | None, typer.Option(help="At most this many prompts (highest first).")]
+Redo = Annotated[
+    bool, typer.Option("--redo", help="Measure prompts again that were measured before.")
+]
+
+
+@app.command()
+def patch(
+    prompt_ids: PromptIds = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    limit: Limit = None,
+    redo: Redo = False,
+) -> None:
+    """Where the harmful shift lives: activation patching between base and adapted.
+
+    The shift is the change of the evil-minus-safe logit gap (mean evil logit minus mean safe
+    logit at the last position) from base to adapted, on the graph's token ids. Each component
+    (embeddings, each layer's attention and MLP output, the MLP split into transcoder features
+    and error node) is patched both ways. "direct" swaps only its own write to the final residual
+    stream: these shares add up to the shift except for the final norm's part ("unexplained").
+    "total" swaps its output at every position and recomputes everything downstream: how much
+    of the shift it is sufficient for (into base) or necessary for (out of adapted); those
+    overlap and need not add up. Runs the `interventions` flow's decomposition.
+    """
+    summary = _run(config, data_dir, prompt_ids, ["decomposition"], limit, redo)
+    from emc.store.interventions import decomposition_summary, explained_per_prompt
+
+    store, base_id, adapted_id = summary.pop("_store")
+    shares = decomposition_summary(store, base_id, adapted_id)
+    if shares.empty:
+        console.print(
+            "[yellow]nothing decomposed:[/] no prompt with a current graph pair and both "
+            "evil and safe labels. Run `emc trace` first."
+        )
+        return
+    print_frame(shares.round(3), title="share of the shift per component (1 = all of it)")
+    explained = explained_per_prompt(store, base_id, adapted_id)
+    print_frame(
+        explained.round(3), title="per prompt: what the direct writes explain, and the rest"
+    )
+    _print_headline(summary)
+
+
+@app.command()
+def intervene(
+    prompt_ids: PromptIds = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="adapter: scale the LoRA delta (k = -1, 0, 0.5, 1, 2) and remove it per layer, "
+            "module kind and module; features: restore the top-k attributed features in the "
+            "adapted model and inject them into the base model (k = 1, 5, 20, 100, all) against "
+            "matched random features; directions: subtract, add and ablate each layer's "
+            "mean-difference direction against random directions of the same norm; all."
+        ),
+    ] = "all",
+    limit: Limit = None,
+    redo: Redo = False,
+) -> None:
+    """Which interventions remove the harmful shift, each against a matched random control.
+
+    Shares are of the shift in the evil-minus-safe logit gap: for an intervention on the
+    adapted model, `removed` is how much of the shift it takes away; on the base model, `share`
+    is how much it reproduces. Interventions act at every position of the prompt (the same hooks
+    stay on while a model generates). Runs the `interventions` flow.
+    """
+    parts = {
+        "adapter": ["adapter"],
+        "features": ["features"],
+        "directions": ["directions"],
+        "all": ["adapter", "features", "directions"],
+    }
+    if kind not in parts:
+        raise fail(f"unknown --kind {kind!r}; choose adapter, features, directions or all")
+    summary = _run(config, data_dir, prompt_ids, parts[kind], limit, redo)
+    from emc.store.interventions import intervention_summary
+
+    store, base_id, adapted_id = summary.pop("_store")
+    frame = intervention_summary(store, None, base_id, adapted_id)
+    if frame.empty:
+        console.print(
+            "[yellow]no interventions measured:[/] no prompt with a current graph pair "
+            "and both evil and safe labels. Run `emc trace` first."
+        )
+        return
+    for family, rows in frame.groupby("family", sort=False):
+        shown = rows.drop(columns=["family"]).round(3)
+        print_frame(shown, title=f"{family} interventions: mean over prompts")
+    _print_headline(summary)
+
+
+def _run(config, data_dir, prompt_ids, parts, limit, redo) -> dict:
+    from emc.cli.app import prepare_flows
+    from emc.config import ConfigError, load_experiment
+    from emc.models import describe_model
+    from emc.store import Store
+
+    try:
+        experiment, resolved = load_experiment(config, data_dir)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    prepare_flows(resolved)
+    from flows.interventions import interventions_flow
+
+    try:
+        summary = interventions_flow(
+            config_path=str(config) if config else None,
+            data_dir=str(resolved),
+            prompt_ids=prompt_ids or None,
+            parts=parts,
+            limit=limit,
+            redo=redo,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    for failure in summary["failed"]:
+        console.print(
+            f"[red]failed[/] {failure['prompt_id']} {failure['part']}: {failure['error']}"
+        )
+    ids = tuple(describe_model(experiment, role).model_id for role in ("base", "adapted"))
+    return {**summary, "_store": (Store.in_data_dir(resolved), *ids)}
+
+
+def _print_headline(summary: dict) -> None:
+    from flows.interventions import headline
+
+    for line in headline(summary):
+        console.print(line)

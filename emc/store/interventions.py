@@ -1,0 +1,211 @@
+"""Causal checks: where the harmful shift lives (activation patching) and what removes it.
+
+`shift_components` holds, per prompt and model pair, each component's share of the shift;
+`interventions` each adapter, feature and direction intervention with its gap, its share of the
+shift and its matched control. Rows are replaced per prompt, model pair (and family), so a re-run
+never duplicates; every row names its run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from emc.store.analysis import replace_prompt_rows
+from emc.store.connection import Store
+
+COMPONENT_COLUMNS = (
+    "component",
+    "layer",
+    "direct_into_base",
+    "direct_from_adapted",
+    "total_into_base",
+    "total_from_adapted",
+    "gap_base",
+    "gap_adapted",
+)
+INTERVENTION_COLUMNS = (
+    "kind",
+    "target",
+    "strength",
+    "positions",
+    "model_role",
+    "n_targets",
+    "gap",
+    "share",
+    "control_gap",
+    "control_share",
+    "gap_base",
+    "gap_adapted",
+    "details",
+)
+FAMILIES = ("adapter", "features", "direction")
+_COMPONENT_ORDER = (
+    "layer, list_position(['embed', 'attn', 'mlp', 'mlp_features', 'mlp_error'], component)"
+)
+
+
+def replace_shift_components(
+    store: Store,
+    ids: tuple[str, str, str],
+    rows: pd.DataFrame,
+    run_id: str,
+    dtype: str,
+) -> None:
+    """One prompt's decomposition (COMPONENT_COLUMNS), replacing an earlier one."""
+    replace_prompt_rows(
+        store, "shift_components", rows, COMPONENT_COLUMNS, ids, run_id=run_id, dtype=dtype
+    )
+
+
+def replace_interventions(
+    store: Store,
+    ids: tuple[str, str, str],
+    family: str,
+    rows: pd.DataFrame,
+    run_id: str,
+    dtype: str,
+) -> None:
+    """One prompt's interventions of one family (INTERVENTION_COLUMNS), replacing earlier ones."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown intervention family {family!r}; one of {', '.join(FAMILIES)}")
+    rows = rows.copy()
+    rows["details"] = [None if d is None else json.dumps(d) for d in rows["details"]]
+    replace_prompt_rows(
+        store,
+        "interventions",
+        rows,
+        INTERVENTION_COLUMNS,
+        ids,
+        scope={"family": family},
+        run_id=run_id,
+        dtype=dtype,
+    )
+
+
+def measured_prompts(
+    store: Store, table: str, base_model_id: str, adapted_model_id: str, family: str | None = None
+) -> set[str]:
+    """Prompts with rows in `table` (shift_components or interventions) for this model pair."""
+    if table not in ("shift_components", "interventions"):
+        raise ValueError(f"not a causal-check table: {table}")
+    sql = f"SELECT DISTINCT prompt_id FROM {table} WHERE base_model_id = ? AND adapted_model_id = ?"
+    params: list[object] = [base_model_id, adapted_model_id]
+    if family is not None:
+        sql += " AND family = ?"
+        params.append(family)
+    with store.read() as conn:
+        return {row[0] for row in conn.execute(sql, params).fetchall()}
+
+
+def prompt_shift_components(
+    store: Store, prompt_id: str, base_model_id: str, adapted_model_id: str
+) -> pd.DataFrame:
+    """One prompt's decomposition (COMPONENT_COLUMNS plus `direct`, both directions averaged),
+    in layer order; empty before `emc patch`."""
+    sql = f"""
+        SELECT {", ".join(COMPONENT_COLUMNS)},
+               (direct_into_base + direct_from_adapted) / 2 AS direct
+        FROM shift_components
+        WHERE prompt_id = ? AND base_model_id = ? AND adapted_model_id = ?
+        ORDER BY {_COMPONENT_ORDER}
+    """
+    with store.read() as conn:
+        return conn.execute(sql, [prompt_id, base_model_id, adapted_model_id]).df()
+
+
+def decomposition_summary(
+    store: Store, base_model_id: str | None = None, adapted_model_id: str | None = None
+) -> pd.DataFrame:
+    """Mean shares per component and layer over every decomposed prompt (of a model pair).
+
+    Columns: component, layer, prompts, direct (both directions averaged), direct_into_base,
+    direct_from_adapted, total_into_base, total_from_adapted, mean_shift.
+    """
+    where, params = _pair_filter(base_model_id, adapted_model_id)
+    sql = f"""
+        SELECT component, layer, count(*) AS prompts,
+               avg((direct_into_base + direct_from_adapted) / 2) AS direct,
+               avg(direct_into_base) AS direct_into_base,
+               avg(direct_from_adapted) AS direct_from_adapted,
+               avg(total_into_base) AS total_into_base,
+               avg(total_from_adapted) AS total_from_adapted,
+               avg(gap_adapted - gap_base) AS mean_shift
+        FROM shift_components {where}
+        GROUP BY component, layer
+        ORDER BY {_COMPONENT_ORDER}
+    """
+    with store.read() as conn:
+        return conn.execute(sql, params).df()
+
+
+def explained_per_prompt(
+    store: Store, base_model_id: str | None = None, adapted_model_id: str | None = None
+) -> pd.DataFrame:
+    """Per prompt: the shift, the share the direct components account for, and the remainder.
+
+    Embeddings, attention and whole MLPs partition the residual stream; the MLP split does not
+    count again. Columns: prompt_id, shift, explained_into_base, explained_from_adapted,
+    explained, unexplained, mlp_features, mlp_error, attn.
+    """
+    where, params = _pair_filter(base_model_id, adapted_model_id)
+    sql = f"""
+        SELECT prompt_id, any_value(gap_adapted - gap_base) AS shift,
+               sum(direct_into_base) FILTER (WHERE component IN ('embed', 'attn', 'mlp'))
+                   AS explained_into_base,
+               sum(direct_from_adapted) FILTER (WHERE component IN ('embed', 'attn', 'mlp'))
+                   AS explained_from_adapted,
+               (explained_into_base + explained_from_adapted) / 2 AS explained,
+               1 - explained AS unexplained,
+               sum((direct_into_base + direct_from_adapted) / 2)
+                   FILTER (WHERE component = 'mlp_features') AS mlp_features,
+               sum((direct_into_base + direct_from_adapted) / 2)
+                   FILTER (WHERE component = 'mlp_error') AS mlp_error,
+               sum((direct_into_base + direct_from_adapted) / 2)
+                   FILTER (WHERE component = 'attn') AS attn
+        FROM shift_components {where}
+        GROUP BY prompt_id ORDER BY prompt_id
+    """
+    with store.read() as conn:
+        return conn.execute(sql, params).df()
+
+
+def intervention_summary(
+    store: Store,
+    family: str | None = None,
+    base_model_id: str | None = None,
+    adapted_model_id: str | None = None,
+) -> pd.DataFrame:
+    """Mean gap shares per intervention over prompts, with the control beside them.
+
+    Columns: family, kind, target, strength, model_role, prompts, share, control_share,
+    removed (1 - share, for interventions on the adapted model), n_targets.
+    """
+    where, params = _pair_filter(base_model_id, adapted_model_id)
+    if family is not None:
+        where += (" AND " if where else "WHERE ") + "family = ?"
+        params.append(family)
+    sql = f"""
+        SELECT family, kind, target, strength, model_role, count(*) AS prompts,
+               avg(share) AS share, avg(control_share) AS control_share,
+               CASE model_role WHEN 'adapted' THEN 1 - avg(share) END AS removed,
+               CASE model_role WHEN 'adapted' THEN 1 - avg(control_share) END AS control_removed,
+               avg(n_targets) AS n_targets
+        FROM interventions {where}
+        GROUP BY family, kind, target, strength, model_role
+        ORDER BY family, kind, avg(coalesce(n_targets, 0)), target, strength
+    """
+    with store.read() as conn:
+        return conn.execute(sql, params).df()
+
+
+def _pair_filter(base_model_id: str | None, adapted_model_id: str | None):
+    clauses, params = [], []
+    if base_model_id is not None:
+        clauses.append("base_model_id = ?")
+        params.append(base_model_id)
+    if adapted_model_id is not None:
+        clauses.append("adapted_model_id = ?")
+        params.append(adapted_model_id)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
