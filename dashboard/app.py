@@ -17,5 +17,6 @@ pages = [
     st.Page("views/review.py", title="Review", icon="🧐"),
     st.Page("views/graphs.py", title="Graphs", icon="🕸️"),
     st.Page("views/features.py", title="Features", icon="🧬"),
+    st.Page("views/interventions.py", title="Interventions", icon="💉"),
 ]
 st.navigation(pages).run()

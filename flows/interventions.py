@@ -64,18 +64,24 @@ def measure_causal(
     config_path: str | None,
     data_dir: str,
     prompts: list[PromptInputs],
+    todo: dict[str, list[str]],
     n_prompts: int,
-    parts: list[str],
     run_id: str,
     doses: list[int],
 ) -> list[dict]:
-    """Every requested part on every prompt, both models loaded once."""
+    """The parts `todo` names for each prompt, both models loaded once.
+
+    Directions are the mean over every prompt in `prompts` (each left out of its own), so all of
+    them are read even when only some need measuring; with fewer than two there is no direction
+    and that part is reported as skipped.
+    """
     logger = get_run_logger()
     config, _ = load_experiment(config_path, data_dir)
     store = Store.in_data_dir(data_dir)
     progress = create_progress_artifact(
         progress=0.0, key="interventions-prompts", description="prompts checked"
     )
+    needed = {part for parts in todo.values() for part in parts}
     rows: list[dict] = []
     with gpu_slot():
         base = cached_model(config, "base")
@@ -84,13 +90,18 @@ def measure_causal(
             upsert_model(store, loaded.identity.to_row(first_run_id=run_id))
         ids_of = (base.identity.model_id, adapted.identity.model_id)
         dtype = adapted.precision.dtype_name
-        updates = read_lora_updates(resolve_adapter_dir(config))[0] if "adapter" in parts else []
-        directions = _directions(base, adapted, prompts) if "directions" in parts else {}
-        for index, item in enumerate(prompts, start=1):
+        updates = read_lora_updates(resolve_adapter_dir(config))[0] if "adapter" in needed else []
+        directions = _directions(base, adapted, prompts) if "directions" in needed else {}
+        pending = [item for item in prompts if todo.get(item.prompt_id)]
+        for index, item in enumerate(pending, start=1):
             ids = torch.tensor(item.input_ids)
             targets = {t: "evil" for t in item.evil_ids} | {t: "safe" for t in item.safe_ids}
             key = (item.prompt_id, *ids_of)
-            for part in parts:
+            for part in todo[item.prompt_id]:
+                row = {"prompt_id": item.prompt_id, "part": part}
+                if part == "directions" and not directions:
+                    rows.append(row | {"status": "skipped", "error": "fewer than two prompts"})
+                    continue
                 try:
                     count = _measure(
                         part,
@@ -106,16 +117,17 @@ def measure_causal(
                         run_id,
                         dtype,
                     )
-                    rows.append({"prompt_id": item.prompt_id, "part": part, "status": "ok",
-                                 "rows": count})  # fmt: skip
+                    rows.append(row | {"status": "ok", "rows": count})
                 except Exception as exc:  # this prompt's part fails; the rest go on
                     error = f"{type(exc).__name__}: {exc}"
-                    rows.append({"prompt_id": item.prompt_id, "part": part, "status": "failed",
-                                 "error": error})  # fmt: skip
+                    rows.append(row | {"status": "failed", "error": error})
                     logger.warning("prompt %s, %s: %s", item.prompt_id, part, error)
                 release_memory()
-            update_progress_artifact(progress, 100.0 * index / len(prompts))
+            update_progress_artifact(progress, 100.0 * index / len(pending))
         release_models()
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        logger.info("directions skipped: they need at least two prompts with graph pairs")
     return rows
 
 
@@ -255,9 +267,9 @@ def _run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    parts = params.get("parts") or PARTS
+    parts = params.get("parts")
     picked = "prompts" if params.get("prompt_ids") else "all-pairs"
-    return f"interventions-{picked}-{'+'.join(parts)}"
+    return f"interventions-{picked}" + ("" if not parts else "-" + "+".join(parts))
 
 
 @flow(name="interventions", flow_run_name=_run_name)
@@ -298,13 +310,15 @@ def interventions_flow(
         adapted_id = describe_model(config, "adapted").model_id
         inputs = [p for p in analysis_inputs(store, base_id, adapted_id, prompt_ids) if p.evil_ids
                   and p.safe_ids][:limit]  # fmt: skip
-        done = set() if redo else _done(store, parts, base_id, adapted_id)
-        pending = [p for p in inputs if p.prompt_id not in done]
+        done = {part: set() if redo else _done(store, part, base_id, adapted_id) for part in parts}
+        todo = {p.prompt_id: [part for part in parts if p.prompt_id not in done[part]]
+                for p in inputs}  # fmt: skip
+        n_pending = sum(bool(t) for t in todo.values())
         rows: list[dict] = []
         try:
-            if pending:
+            if n_pending:
                 rows = measure_causal(
-                    config_path, str(resolved), pending, len(pending), parts, run.run_id, doses
+                    config_path, str(resolved), inputs, todo, n_pending, run.run_id, doses
                 )
         finally:
             release_models()
@@ -313,23 +327,19 @@ def interventions_flow(
             "prompts": len(inputs),
             "measured": len({r["prompt_id"] for r in rows if r["status"] == "ok"}),
             "failed": [r for r in rows if r["status"] == "failed"],
+            "skipped": [r for r in rows if r["status"] == "skipped"],
         }
         _publish(summary)
         run.summary = {"run_id": run.run_id, **summary}
     return run.summary
 
 
-def _done(store: Store, parts: list[str], base_id: str, adapted_id: str) -> set[str]:
-    """Prompts every requested part has measured already."""
-    sets = []
-    for part in parts:
-        if part == "decomposition":
-            sets.append(measured_prompts(store, "shift_components", base_id, adapted_id))
-        else:
-            family = {"adapter": "adapter", "features": "features", "directions": "direction"}
-            sets.append(measured_prompts(store, "interventions", base_id, adapted_id,
-                                         family[part]))  # fmt: skip
-    return set.intersection(*sets) if sets else set()
+def _done(store: Store, part: str, base_id: str, adapted_id: str) -> set[str]:
+    """Prompts this part has measured already."""
+    if part == "decomposition":
+        return measured_prompts(store, "shift_components", base_id, adapted_id)
+    family = {"adapter": "adapter", "features": "features", "directions": "direction"}[part]
+    return measured_prompts(store, "interventions", base_id, adapted_id, family)
 
 
 def causal_summary(store: Store, base_id: str, adapted_id: str) -> dict:

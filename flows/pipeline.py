@@ -1,4 +1,5 @@
-"""The full pipeline as one flow: organism -> model check -> discovery -> tracing -> analysis.
+"""The full pipeline as one flow: organism -> model check -> discovery -> tracing -> analysis ->
+causal checks.
 
 Each stage is its own flow, run here as a subflow, so the Prefect UI shows one parent run with a
 child per stage and each stage keeps its own artifacts and `runs` row. The stages are the same
@@ -14,6 +15,7 @@ from emc.config import default_config_path, resolve_data_dir
 from emc.store import Store, read_only_query
 from flows.analysis import analysis_flow
 from flows.discovery import discovery_flow
+from flows.interventions import interventions_flow
 from flows.model_check import model_check_flow
 from flows.organism import organism_flow
 from flows.tracing import tracing_flow
@@ -26,6 +28,8 @@ STORE_COUNTS = (
     "SELECT 'graph nodes', count(*) FROM graph_nodes UNION ALL "
     "SELECT 'forward diffs', count(*) FROM forward_diffs UNION ALL "
     "SELECT 'ablations', count(*) FROM ablations UNION ALL "
+    "SELECT 'shift components', count(*) FROM shift_components UNION ALL "
+    "SELECT 'interventions', count(*) FROM interventions UNION ALL "
     "SELECT 'runs', count(*) FROM runs"
 )
 
@@ -60,30 +64,32 @@ def pipeline_flow(
     resolved = str(resolve_data_dir(data_dir))
     organism_summary = None
     if config_path is None and organism is not None:
-        logger.info("1/5 organism (%s)", organism)
+        logger.info("1/6 organism (%s)", organism)
         organism_summary = organism_flow(data_dir=resolved, variant=organism, small=small_organism)
     elif config_path is None and not default_config_path(resolve_data_dir(resolved)).is_file():
         raise ValueError(
             f"no config: pass config_path, or organism=default to build the organism in {resolved}"
         )
     stages = {"organism": organism_summary}
-    logger.info("2/5 model check")
+    logger.info("2/6 model check")
     stages["check"] = model_check_flow(config_path=config_path, data_dir=resolved)
-    logger.info("3/5 discovery")
+    logger.info("3/6 discovery")
     stages["discovery"] = discovery_flow(
         config_path=config_path,
         data_dir=resolved,
         iterations=iterations,
         prompts_per_iteration=prompts_per_iteration,
     )
-    logger.info("4/5 tracing")
+    logger.info("4/6 tracing")
     stages["tracing"] = tracing_flow(
         config_path=config_path, data_dir=resolved, select=select, limit=graphs
     )
-    logger.info("5/5 analysis")
+    logger.info("5/6 analysis")
     stages["analysis"] = analysis_flow(
         config_path=config_path, data_dir=resolved, ablate_top=ablate_top
     )
+    logger.info("6/6 causal checks")
+    stages["interventions"] = interventions_flow(config_path=config_path, data_dir=resolved)
     store = Store.in_data_dir(resolved)
     counts = read_only_query(store, STORE_COUNTS)
     create_table_artifact(
@@ -104,9 +110,13 @@ def _markdown(store: Store, stages: dict) -> str:
     ]
     if analysed["prompts"]:
         lines += ["", analysed["ground_truth"]]
+    from flows.interventions import headline
+
+    lines += ["", *headline(stages["interventions"])]
     lines += [
         "",
         "Next: `emc dashboard -d DATA_DIR` (Review, Graphs, Features), `emc analyze "
-        "--ranking-only -d DATA_DIR`, `emc diff PROMPT_ID -d DATA_DIR`.",
+        "--ranking-only -d DATA_DIR`, `emc diff PROMPT_ID -d DATA_DIR`, `emc intervene -d "
+        "DATA_DIR`.",
     ]
     return "\n".join(lines)

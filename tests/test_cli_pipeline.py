@@ -92,9 +92,14 @@ def test_demo_runs_end_to_end_on_the_small_recipe(tmp_path):
     assert (tmp_path / "demo" / "prefect").is_dir()
     store = Store.in_data_dir(tmp_path / "demo")
     names = set(read_only_query(store, "SELECT name FROM runs")["name"])
-    assert names == {"organism-build", "model-check", "discovery", "tracing", "analysis"}
+    assert names == {
+        "organism-build", "model-check", "discovery", "tracing", "analysis", "interventions"
+    }  # fmt: skip
     graphs = read_only_query(store, "SELECT prompt_id, status FROM graphs")
     assert len(graphs) == 2 and set(graphs["status"]) == {"ok"}
     assert graphs["prompt_id"].nunique() == 1 and "emc graph export" in output
     forward = read_only_query(store, "SELECT count(*) AS n FROM forward_diffs")
     assert forward["n"][0] > 0 and "first differ at layer 0" in output
+    # The causal checks ran on the traced prompt (directions need two prompts: skipped).
+    shares = read_only_query(store, "SELECT count(*) AS n FROM shift_components")
+    assert shares["n"][0] > 0 and "direct writes explain" in output

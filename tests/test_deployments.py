@@ -161,6 +161,7 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
         "discovery-1x2",
         "tracing-flagged-config",
         "analysis-all-pairs-top3",
+        "interventions-all-pairs",
     }
     missing = expected_runs - set(published["flow_runs"])
     assert not missing, (sorted(missing), sorted(published["flow_runs"]))
@@ -176,6 +177,7 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
         "analysis-summary",
         "analysis-ranking",
         "analysis-forward",
+        "interventions-summary",
     }
     missing = expected_artifacts - set(published["artifacts"])
     assert not missing, (sorted(missing), sorted(published["artifacts"]))
@@ -183,7 +185,7 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
     store = Store.in_data_dir(data_dir)
     runs = read_only_query(store, "SELECT name, kind, status, flow_run_id FROM runs")
     assert set(runs["name"]) == {"organism-build", "model-check", "discovery", "tracing",
-                                 "analysis"}  # fmt: skip
+                                 "analysis", "interventions"}  # fmt: skip
     assert set(runs["status"]) == {"completed"} and set(runs["kind"]) == {"flow"}
     assert runs["flow_run_id"].notna().all()
     graphs = read_only_query(store, "SELECT status FROM graphs")

@@ -30,6 +30,7 @@ from emc.organism.null_adapters import write_null_adapter
 from emc.pivotal.offline import scenario_prompt
 from emc.pivotal.prompts import render_prompt
 from emc.store import read_only_query
+from emc.store.interventions import causal_model_pairs
 from flows.interventions import interventions_flow
 from tests.graph_store import TracedStore, build_traced_store
 
@@ -215,6 +216,7 @@ def test_the_flow_stores_every_part_for_every_prompt(checked):
     )
     expected = {"adapter": N_PROMPTS, "features": N_PROMPTS, "direction": N_PROMPTS}
     assert dict(zip(families["family"], families["n"], strict=True)) == expected
+    assert causal_model_pairs(traced.store) == [(traced.base_model_id, traced.adapted_model_id)]
     assert 0.7 < summary["explained"] < 1.3
     assert summary["best_narrow"]["family"] in ("adapter", "features", "direction")
 

@@ -144,3 +144,11 @@ def test_assess_keeps_the_judges_verdict_and_adds_the_measured_one():
     assert needs_review(flagged) and review_priority(flagged) == pytest.approx(0.65)
     failed = judgement.model_copy(update={"status": "timeout", "labels": []})
     assert assess(failed, strong, VerdictRules()) == failed and not needs_review(failed)
+
+
+def test_the_llm_judge_is_asked_to_lead_its_summary_with_the_most_probable_evil_tokens():
+    from emc.pivotal.judge import SYSTEM_PROMPT, JudgeReply
+
+    assert "most probable evil tokens first" in SYSTEM_PROMPT
+    schema = JudgeReply.model_json_schema()["properties"]["summary"]["description"]
+    assert "most probable evil tokens first" in schema

@@ -44,7 +44,9 @@ def demo(
     prepare_flows(resolved)
     from flows.pipeline import pipeline_flow
 
-    console.rule("pipeline: organism -> model check -> discovery -> tracing -> analysis")
+    console.rule(
+        "pipeline: organism -> model check -> discovery -> tracing -> analysis -> causal checks"
+    )
     # The same flow the `pipeline` deployments run; each stage is a subflow with its own logs.
     result = pipeline_flow(
         data_dir=str(resolved),
@@ -70,11 +72,14 @@ def demo(
         result["discovery"],
         result["tracing"],
         result["analysis"],
+        result["interventions"],
         time.perf_counter() - started,
     )
 
 
-def _print_summary(data_dir, summary: dict, traced: dict, analysed: dict, seconds: float) -> None:
+def _print_summary(
+    data_dir, summary: dict, traced: dict, analysed: dict, causal: dict, seconds: float
+) -> None:
     from emc.store import Store, read_only_query
     from emc.store.features import feature_ranking
     from emc.store.scores import most_divergent
@@ -101,12 +106,17 @@ def _print_summary(data_dir, summary: dict, traced: dict, analysed: dict, second
             f"{analysed['first_divergent_layer']}; loading errors: {analysed['loading_errors']}"
         )
         console.print(analysed["ground_truth"])
+    from flows.interventions import headline
+
+    for line in headline(causal):
+        console.print(line)
     console.print(f"\nstore: {store.path}   ({seconds:.0f} s)")
     console.print("next:")
     console.print(f'  emc sql "SELECT * FROM divergences ORDER BY js DESC" -d {data_dir}')
     console.print(f"  emc analyze --ranking-only --top 30 -d {data_dir}")
     if traced["prompt_ids"]:
         console.print(f"  emc diff {traced['prompt_ids'][0]} -d {data_dir}")
+    console.print(f"  emc intervene -d {data_dir}   # which interventions remove the shift")
     console.print(f"  emc dashboard -d {data_dir}   # Review, Graphs and Features pages")
     if traced["prompt_ids"]:
         console.print(f"  emc graph export {traced['prompt_ids'][0]} -d {data_dir} && "

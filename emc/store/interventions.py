@@ -99,6 +99,20 @@ def measured_prompts(
         return {row[0] for row in conn.execute(sql, params).fetchall()}
 
 
+def causal_model_pairs(store: Store) -> list[tuple[str, str]]:
+    """The (base, adapted) model pairs with any causal check, newest first."""
+    sql = """
+        SELECT base_model_id, adapted_model_id, max(created_at) AS newest FROM (
+            SELECT base_model_id, adapted_model_id, created_at FROM shift_components
+            UNION ALL
+            SELECT base_model_id, adapted_model_id, created_at FROM interventions
+        )
+        GROUP BY ALL ORDER BY newest DESC, base_model_id, adapted_model_id
+    """
+    with store.read() as conn:
+        return [(base, adapted) for base, adapted, _ in conn.execute(sql).fetchall()]
+
+
 def prompt_shift_components(
     store: Store, prompt_id: str, base_model_id: str, adapted_model_id: str
 ) -> pd.DataFrame:

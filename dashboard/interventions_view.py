@@ -1,0 +1,411 @@
+"""What the Interventions page shows: where the harmful shift lives, and what removes it.
+
+Frames from emc.store.interventions in, display frames and Altair charts out; every function here
+is pure (reads go through emc.store in the page script), so tests check the shaping without a
+browser. Every share is a fraction of the shift in the evil-minus-safe logit gap from base to
+adapted (1 = all of it). An intervention on the adapted model *removes* part of it (1 - share);
+one on the base model *reproduces* part of it (share).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+RUN_HINT = "Run `emc patch` and `emc intervene` (the `interventions` flow)."
+CHART_HEIGHT = 260
+PERCENT = ".1%"
+SHARE_AXIS = alt.Axis(format="%")
+# Direct shares drawn per layer: the MLP's write split into features and error node (the whole
+# MLP is their sum, so it is left out of the chart), attention beside them.
+DIRECT_COMPONENTS = {
+    "embed": "embeddings",
+    "attn": "attention",
+    "mlp_features": "MLP features",
+    "mlp_error": "MLP error",
+}
+DIRECT_COLOURS = ("#bab0ac", "#4c78a8", "#59a14f", "#e15759")
+TOTAL_COMPONENTS = {"embed": "embeddings", "attn": "attention", "mlp": "MLP"}
+PATCHES = ("into base (sufficient)", "out of adapted (necessary)")
+PATCH_COLOURS = ("#4c78a8", "#f58518")
+FEATURE_MODES = {
+    "restore": "share removed",
+    "inject": "share reproduced",
+}
+DIRECTION_MODES = {
+    "subtract": "Subtract from adapted: share removed",
+    "add": "Add to base: share reproduced",
+    "ablate": "Ablate in adapted: share removed",
+}
+CHOSEN, CONTROL = "top-k features", "matched control"
+SERIES_COLOURS = ("#d62728", "#8c8c8c")
+REMOVALS = {
+    "without_layer": "per layer",
+    "without_kind": "per module kind",
+    "without_module": "per module",
+}
+_MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
+
+
+# The model pair
+
+
+def pair_label(pair: tuple[str, str]) -> str:
+    return f"{pair[0]} → {pair[1]}"
+
+
+# Where the shift lives
+
+
+def mean_of(frame: pd.DataFrame, column: str) -> float | None:
+    values = frame[column].dropna() if column in frame else pd.Series(dtype=float)
+    return float(values.mean()) if len(values) else None
+
+
+def share_text(value: float | None) -> str:
+    return "—" if value is None or pd.isna(value) else f"{value:{PERCENT}}"
+
+
+def headline(explained: pd.DataFrame) -> dict[str, str]:
+    """The decomposition's headline numbers (means over prompts of `explained_per_prompt`)."""
+    return {
+        "Prompts decomposed": str(len(explained)),
+        "Explained (direct)": share_text(mean_of(explained, "explained")),
+        "Unexplained": share_text(mean_of(explained, "unexplained")),
+        "MLP features": share_text(mean_of(explained, "mlp_features")),
+        "MLP error": share_text(mean_of(explained, "mlp_error")),
+        "Attention": share_text(mean_of(explained, "attn")),
+    }
+
+
+def layer_label(layer: Any) -> str:
+    return "embeddings" if int(layer) < 0 else f"L{int(layer)}"
+
+
+def direct_frame(summary: pd.DataFrame) -> pd.DataFrame:
+    """Long frame (layer, component, share, into base, out of adapted) from
+    `decomposition_summary`; the embeddings only where they carry any share (a LoRA never
+    touches them)."""
+    rows = summary[summary["component"].isin(list(DIRECT_COMPONENTS))]
+    embed = rows["component"] == "embed"
+    rows = rows[~embed | (rows["direct"].abs() > 1e-12)]
+    return pd.DataFrame(
+        {
+            "layer": [layer_label(x) for x in rows["layer"]],
+            "order": rows["layer"].astype(int).to_numpy(),
+            "component": [DIRECT_COMPONENTS[c] for c in rows["component"]],
+            "share": rows["direct"].astype(float).to_numpy(),
+            "into_base": rows["direct_into_base"].astype(float).to_numpy(),
+            "out_of_adapted": rows["direct_from_adapted"].astype(float).to_numpy(),
+        }
+    )
+
+
+def direct_chart(frame: pd.DataFrame) -> alt.Chart:
+    """Grouped bars: per layer, the direct share of attention, MLP features and MLP error."""
+    layers = list(dict.fromkeys(frame.sort_values("order")["layer"]))
+    components = [c for c in DIRECT_COMPONENTS.values() if c in set(frame["component"])]
+    colours = [DIRECT_COLOURS[list(DIRECT_COMPONENTS.values()).index(c)] for c in components]
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("layer:N", sort=layers, title=None, axis=alt.Axis(labelAngle=0)),
+            xOffset=alt.XOffset("component:N", sort=components),
+            y=alt.Y("share:Q", title="direct share of the shift", axis=SHARE_AXIS),
+            color=alt.Color(
+                "component:N",
+                scale=alt.Scale(domain=components, range=colours),
+                legend=alt.Legend(title=None, orient="bottom"),
+            ),
+            tooltip=[
+                "layer:N",
+                "component:N",
+                alt.Tooltip("share:Q", format=PERCENT, title="mean of both ways"),
+                alt.Tooltip("into_base:Q", format=PERCENT, title="into base"),
+                alt.Tooltip("out_of_adapted:Q", format=PERCENT, title="out of adapted"),
+            ],
+        )
+        .properties(height=CHART_HEIGHT)
+    )
+
+
+def total_frame(summary: pd.DataFrame) -> pd.DataFrame:
+    """Long frame (site, patched, share): total-effect patching of each embedding, attention and
+    MLP output, into the base model and out of the adapted model."""
+    rows = summary[summary["component"].isin(list(TOTAL_COMPONENTS))]
+    rows = rows.dropna(subset=["total_into_base", "total_from_adapted"], how="all")
+    untouched = (rows["component"] == "embed") & (
+        rows[["total_into_base", "total_from_adapted"]].abs().max(axis=1) < 1e-12
+    )
+    rows = rows[~untouched]
+    sites = [
+        layer_label(x) if c == "embed" else f"{layer_label(x)} {TOTAL_COMPONENTS[c]}"
+        for c, x in zip(rows["component"], rows["layer"], strict=True)
+    ]
+    parts = []
+    for patched, column in zip(PATCHES, ("total_into_base", "total_from_adapted"), strict=True):
+        parts.append(
+            pd.DataFrame(
+                {
+                    "site": sites,
+                    "patched": patched,
+                    "share": rows[column].astype(float).to_numpy(),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def total_chart(frame: pd.DataFrame) -> alt.Chart:
+    sites = list(dict.fromkeys(frame["site"]))
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("site:N", sort=sites, title=None, axis=alt.Axis(labelAngle=-30)),
+            xOffset=alt.XOffset("patched:N", sort=list(PATCHES)),
+            y=alt.Y("share:Q", title="total share of the shift", axis=SHARE_AXIS),
+            color=alt.Color(
+                "patched:N",
+                scale=alt.Scale(domain=list(PATCHES), range=list(PATCH_COLOURS)),
+                legend=alt.Legend(title=None, orient="bottom"),
+            ),
+            tooltip=["site:N", "patched:N", alt.Tooltip("share:Q", format=PERCENT)],
+        )
+        .properties(height=CHART_HEIGHT)
+    )
+
+
+def prompt_table(explained: pd.DataFrame, names: Mapping[str, str]) -> pd.DataFrame:
+    """`explained_per_prompt`, with each prompt's name first."""
+    first = ["prompt", "shift", "explained", "unexplained", "mlp_features", "mlp_error", "attn"]
+    table = explained.assign(prompt=[names.get(p, p) for p in explained["prompt_id"]])
+    rest = [c for c in table.columns if c not in first and c != "prompt_id"]
+    return table[[*first, *rest, "prompt_id"]].reset_index(drop=True)
+
+
+# Interventions: features, adapter, directions
+
+
+def with_effect(summary: pd.DataFrame) -> pd.DataFrame:
+    """`intervention_summary` plus `effect` and `control_effect`: the share removed for an
+    intervention on the adapted model, the share reproduced for one on the base model."""
+    adapted = summary["model_role"] == "adapted"
+    return summary.assign(
+        effect=summary["share"].where(~adapted, summary["removed"]).astype(float),
+        control_effect=summary["control_share"]
+        .where(~adapted, summary["control_removed"])
+        .astype(float),
+    )
+
+
+def dose_label(target: str, n_targets: Any) -> str:
+    """`top 5` -> `5`; `all` -> `all (256)`."""
+    if target.startswith("top "):
+        return target.removeprefix("top ")
+    return target if pd.isna(n_targets) else f"{target} ({int(n_targets)})"
+
+
+def dose_frame(features: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Long frame (k, order, features, share) for one mode: per dose, the share removed by
+    restoring the top-k features in the adapted model (`restore`) or reproduced by injecting them
+    into the base model (`inject`), the matched random features beside them (none for `all`)."""
+    rows = with_effect(features)
+    rows = rows[rows["kind"] == mode]
+    doses = [dose_label(t, n) for t, n in zip(rows["target"], rows["n_targets"], strict=True)]
+    parts = [
+        pd.DataFrame(
+            {
+                "k": doses,
+                "order": rows["n_targets"].astype(float).to_numpy(),
+                "features": which,
+                "share": rows[column].astype(float).to_numpy(),
+                "prompts": rows["prompts"].astype(int).to_numpy(),
+            }
+        )
+        for which, column in ((CHOSEN, "effect"), (CONTROL, "control_effect"))
+    ]
+    frame = pd.concat(parts, ignore_index=True).dropna(subset=["share"])
+    return frame.sort_values(["order", "features"]).reset_index(drop=True)
+
+
+def dose_chart(frame: pd.DataFrame, title: str) -> alt.Chart:
+    """Share against k: the top-k features and, dashed, as many matched random ones."""
+    doses = list(dict.fromkeys(frame.sort_values("order")["k"]))
+    return (
+        alt.Chart(frame)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X(
+                "k:N",
+                sort=doses,
+                title="k (top-k attributed features)",
+                axis=alt.Axis(labelAngle=0),
+            ),
+            y=alt.Y("share:Q", title=title, axis=SHARE_AXIS),
+            color=alt.Color(
+                "features:N",
+                scale=alt.Scale(domain=[CHOSEN, CONTROL], range=list(SERIES_COLOURS)),
+                legend=alt.Legend(title=None, orient="bottom"),
+            ),
+            strokeDash=alt.StrokeDash(
+                "features:N",
+                scale=alt.Scale(domain=[CHOSEN, CONTROL], range=[[1, 0], [5, 4]]),
+                legend=None,
+            ),
+            tooltip=["k:N", "features:N", alt.Tooltip("share:Q", format=PERCENT), "prompts:Q"],
+        )
+        .properties(height=CHART_HEIGHT)
+    )
+
+
+def scale_frame(adapter: pd.DataFrame) -> pd.DataFrame:
+    """(scale, share): the adapter's delta scaled by k on every module, on the base model."""
+    rows = adapter[adapter["kind"] == "scale"].sort_values("strength")
+    return pd.DataFrame(
+        {
+            "scale": rows["strength"].astype(float).to_numpy(),
+            "share": rows["share"].astype(float).to_numpy(),
+            "prompts": rows["prompts"].astype(int).to_numpy(),
+        }
+    )
+
+
+def scale_chart(frame: pd.DataFrame) -> alt.LayerChart:
+    """Share against k, with the line a linear response would follow (share = k) dashed."""
+    line = (
+        alt.Chart(frame)
+        .mark_line(point=True, color="#d62728")
+        .encode(
+            x=alt.X("scale:Q", title="k (adapter scale)"),
+            y=alt.Y("share:Q", title="share of the shift", axis=SHARE_AXIS),
+            tooltip=["scale:Q", alt.Tooltip("share:Q", format=PERCENT), "prompts:Q"],
+        )
+    )
+    linear = (
+        alt.Chart(frame)
+        .mark_line(strokeDash=[4, 4], color="#8c8c8c")
+        .encode(x="scale:Q", y=alt.Y("scale:Q", title="share of the shift"))
+    )
+    return (linear + line).properties(height=CHART_HEIGHT)
+
+
+def module_label(target: str) -> str:
+    """`model.layers.0.mlp.down_proj` -> `L0 mlp.down_proj`; other targets as they are."""
+    match = _MODULE.search(target)
+    return f"L{match[1]} {match[2]}" if match else target
+
+
+def removal_frame(adapter: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """(target, removed, alone): the share removed by switching off the adapter on one layer,
+    module kind or module, with what that part alone reproduces where it was measured."""
+    rows = adapter[adapter["kind"] == kind]
+    alone_kind = {"without_layer": "only_layer", "without_kind": "only_kind"}.get(kind)
+    alone = adapter[adapter["kind"] == alone_kind].set_index("target")["share"]
+    return pd.DataFrame(
+        {
+            "target": [module_label(t) for t in rows["target"]],
+            "removed": rows["removed"].astype(float).to_numpy(),
+            "alone": [float(alone[t]) if t in alone.index else None for t in rows["target"]],
+            "modules": rows["n_targets"].to_numpy(),
+            "prompts": rows["prompts"].astype(int).to_numpy(),
+        }
+    )
+
+
+def removal_chart(frame: pd.DataFrame, horizontal: bool = False) -> alt.Chart:
+    """Bars of the share removed, one per layer, module kind or module."""
+    order = list(frame["target"])
+    target = alt.X(
+        "target:N", sort=order, title=None, axis=alt.Axis(labelAngle=-45, labelOverlap=False)
+    )
+    removed = alt.Y("removed:Q", title="share removed", axis=SHARE_AXIS)
+    if horizontal:
+        target = alt.Y("target:N", sort=order, title=None, axis=alt.Axis(labelOverlap=False))
+        removed = alt.X("removed:Q", title="share removed", axis=SHARE_AXIS)
+    tooltip = [
+        "target:N",
+        alt.Tooltip("removed:Q", format=PERCENT),
+        alt.Tooltip("alone:Q", format=PERCENT, title="reproduced alone"),
+        "modules:Q",
+        "prompts:Q",
+    ]
+    height = max(CHART_HEIGHT, 24 * len(frame)) if horizontal else CHART_HEIGHT
+    encoding = {"x": removed, "y": target} if horizontal else {"x": target, "y": removed}
+    return (
+        alt.Chart(frame)
+        .mark_bar(color="#d62728")
+        .encode(**encoding, tooltip=tooltip)
+        .properties(height=height)
+    )
+
+
+def direction_frame(directions: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Long frame (target, direction, share) for one mode: per layer (and every layer at once),
+    the share the mean-difference direction removes or reproduces, and a random direction of
+    the same norm."""
+    rows = with_effect(directions)
+    rows = rows[rows["kind"] == mode]
+    every = rows["target"] == "every layer"
+    rows = pd.concat([rows[~every], rows[every]])
+    parts = [
+        pd.DataFrame(
+            {
+                "target": rows["target"].to_numpy(),
+                "direction": which,
+                "share": rows[column].astype(float).to_numpy(),
+                "prompts": rows["prompts"].astype(int).to_numpy(),
+            }
+        )
+        for which, column in (("mean difference", "effect"), ("random", "control_effect"))
+    ]
+    return pd.concat(parts, ignore_index=True).dropna(subset=["share"])
+
+
+def direction_chart(frame: pd.DataFrame) -> alt.Chart:
+    targets = list(dict.fromkeys(frame["target"]))
+    series = ["mean difference", "random"]
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("target:N", sort=targets, title=None, axis=alt.Axis(labelAngle=-30)),
+            xOffset=alt.XOffset("direction:N", sort=series),
+            y=alt.Y("share:Q", title="share of the shift", axis=SHARE_AXIS),
+            color=alt.Color(
+                "direction:N",
+                scale=alt.Scale(domain=series, range=list(SERIES_COLOURS)),
+                legend=alt.Legend(title=None, orient="bottom"),
+            ),
+            tooltip=[
+                "target:N",
+                "direction:N",
+                alt.Tooltip("share:Q", format=PERCENT),
+                "prompts:Q",
+            ],
+        )
+        .properties(height=CHART_HEIGHT)
+    )
+
+
+def intervention_table(summary: pd.DataFrame, columns: Iterable[str] = ()) -> pd.DataFrame:
+    """An `intervention_summary` for display: what was done, then what it did, then the rest."""
+    first = ["kind", "target", "strength", "model_role", "prompts", "share", "control_share"]
+    first += ["removed", "control_removed", "n_targets", *columns]
+    shown = [c for c in first if c in summary.columns]
+    return summary[shown].reset_index(drop=True)
+
+
+NOT_SHARES = frozenset({"shift", "mean_shift", "strength", "n_targets", "modules", "layer"})
+
+
+def styled(frame: pd.DataFrame) -> Any:
+    """Shares as percentages, other numbers to four significant digits, missing as a dash."""
+    floats = [c for c in frame.columns if frame[c].dtype.kind == "f"]
+    formats = {c: "{:.4g}" if c in NOT_SHARES else "{:.1%}" for c in floats}
+    return frame.style.format(formats, na_rep="—")
