@@ -72,8 +72,7 @@ def measure_causal(
     """The parts `todo` names for each prompt, both models loaded once.
 
     Directions are the mean over every prompt in `prompts` (each left out of its own), so all of
-    them are read even when only some need measuring; with fewer than two there is no direction
-    and that part is reported as skipped.
+    them are read even when only some need measuring (the flow skips directions below two).
     """
     logger = get_run_logger()
     config, _ = load_experiment(config_path, data_dir)
@@ -99,9 +98,6 @@ def measure_causal(
             key = (item.prompt_id, *ids_of)
             for part in todo[item.prompt_id]:
                 row = {"prompt_id": item.prompt_id, "part": part}
-                if part == "directions" and not directions:
-                    rows.append(row | {"status": "skipped", "error": "fewer than two prompts"})
-                    continue
                 try:
                     count = _measure(
                         part,
@@ -125,9 +121,6 @@ def measure_causal(
                 release_memory()
             update_progress_artifact(progress, 100.0 * index / len(pending))
         release_models()
-    skipped = [r for r in rows if r["status"] == "skipped"]
-    if skipped:
-        logger.info("directions skipped: they need at least two prompts with graph pairs")
     return rows
 
 
@@ -313,11 +306,20 @@ def interventions_flow(
         done = {part: set() if redo else _done(store, part, base_id, adapted_id) for part in parts}
         todo = {p.prompt_id: [part for part in parts if p.prompt_id not in done[part]]
                 for p in inputs}  # fmt: skip
-        n_pending = sum(bool(t) for t in todo.values())
         rows: list[dict] = []
+        if "directions" in parts and len(inputs) < 2:  # a mean direction needs two prompts
+            for prompt_id, pending in todo.items():
+                if "directions" in pending:
+                    pending.remove("directions")
+                    reason = "fewer than two prompts"
+                    rows.append(
+                        {"prompt_id": prompt_id, "part": "directions", "status": "skipped",
+                         "error": reason}
+                    )  # fmt: skip
+        n_pending = sum(bool(t) for t in todo.values())
         try:
             if n_pending:
-                rows = measure_causal(
+                rows += measure_causal(
                     config_path, str(resolved), inputs, todo, n_pending, run.run_id, doses
                 )
         finally:

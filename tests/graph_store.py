@@ -77,3 +77,13 @@ def copy_store(source_dir: Path, data_dir: Path) -> Store:
     for path in Path(source_dir).glob(f"{STORE_FILE_NAME}*"):
         shutil.copy(path, data_dir / path.name)
     return Store.in_data_dir(data_dir)
+
+
+def seed_organism(small_organism, data_dir: Path) -> Path:
+    """Copy the session's small organism build into `data_dir`, where `emc organism build
+    --small` (and the pipeline's organism stage) verify it and reuse it instead of training it
+    again. Tests of the build itself build for real; this is for tests about what comes after."""
+    root = small_organism.artifacts.root
+    target = Path(data_dir) / "organism" / root.name
+    shutil.copytree(root, target)
+    return target

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from emc.cli import app
 from emc.store import Store, list_organism_builds, read_only_query
+from tests.graph_store import seed_organism
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 runner = CliRunner()
@@ -77,9 +78,11 @@ def test_discover_lists_the_most_divergent(data_dir):
     assert bad.exit_code == 2 and "cannot rank by 'vibes'" in bad.output
 
 
-def test_demo_runs_end_to_end_on_the_small_recipe(tmp_path):
+def test_demo_runs_end_to_end_on_the_small_recipe(tmp_path, small_organism):
     # A real process, as a researcher runs it: Prefect in ephemeral mode with its home in the
-    # data directory (no test harness), and no test runner capturing the terminal.
+    # data directory (no test harness), and no test runner capturing the terminal. The organism
+    # is the session's build, which the demo verifies and reuses (the tests above build one).
+    seed_organism(small_organism, tmp_path / "demo")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     result = subprocess.run(
         [sys.executable, "-m", "emc", "demo", "--small", "--iterations", "1",

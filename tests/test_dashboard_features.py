@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from dashboard import features_view as view
@@ -28,6 +27,7 @@ from emc.store.features import RANKING_METRICS, feature_ranking
 from emc.store.graph_diff import GraphDiff, prompt_graph_diff
 from emc.store.graph_pairs import GraphPair, graph_pairs
 from emc.store.reviews import write_reviews
+from tests.apptest_charts import chart_data
 from tests.graph_store import TracedStore, build_traced_store, copy_store
 
 PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "features.py")
@@ -77,17 +77,6 @@ def table(page: AppTest, column: str) -> pd.DataFrame:
 
 def tables(page: AppTest) -> int:
     return len(page.dataframe)
-
-
-def chart_data(page: AppTest, column: str) -> list[pd.DataFrame]:
-    """The datasets of the page's charts that have this column."""
-    frames = []
-    for chart in page.get("vega_lite_chart"):
-        for dataset in chart.proto.datasets:
-            frame = convert_arrow_bytes_to_pandas_df(dataset.data.data)
-            if column in frame.columns:
-                frames.append(frame)
-    return frames
 
 
 def same_rows(shown: pd.DataFrame, expected: pd.DataFrame) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from dashboard import interventions_view as view
@@ -20,6 +19,7 @@ from emc.store.interventions import (
 )
 from emc.store.models import ModelRow
 from flows.interventions import interventions_flow
+from tests.apptest_charts import chart_data
 from tests.graph_store import TracedStore, build_traced_store
 
 PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "interventions.py")
@@ -53,17 +53,6 @@ def open_page() -> AppTest:
     page = AppTest.from_file(PAGE, default_timeout=60).run()
     assert not page.exception
     return page
-
-
-def chart_data(page: AppTest, column: str) -> list[pd.DataFrame]:
-    """The datasets of the page's charts that have this column."""
-    frames = []
-    for chart in page.get("vega_lite_chart"):
-        for dataset in chart.proto.datasets:
-            frame = convert_arrow_bytes_to_pandas_df(dataset.data.data)
-            if column in frame.columns:
-                frames.append(frame)
-    return frames
 
 
 def table(page: AppTest, *columns: str) -> pd.DataFrame:

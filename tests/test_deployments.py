@@ -23,6 +23,7 @@ import pytest
 
 from emc.store import Store, read_only_query
 from tests.browser import ROOT, free_port
+from tests.graph_store import seed_organism
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -117,8 +118,9 @@ print(json.dumps({"flow_runs": [r.name for r in runs], "artifacts": [a.key for a
 """
 
 
-def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
+def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path, small_organism):
     data_dir, worker_log = tmp_path / "data", tmp_path / "worker.log"
+    seed_organism(small_organism, data_dir)  # the worker's organism stage verifies and reuses it
     with _prefect_server(tmp_path) as env:
         setup = _run([str(BIN / "emc"), "prefect", "setup", "--deploy"], env, timeout=300)
         assert "emc-process" in setup.stdout and "store-writer" in setup.stdout
@@ -199,17 +201,20 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path):
     assert (counts.iloc[0] > 0).all(), counts
 
 
-def _flagged_data_dir(data_dir: Path, home: Path) -> None:
+def _flagged_data_dir(data_dir: Path, home: Path, small_organism) -> None:
     """The small organism and one discovery round, without a server (ephemeral Prefect)."""
     env = _env(home)
+    seed_organism(small_organism, data_dir)  # `emc organism build` verifies and reuses it
     _run([str(BIN / "emc"), "organism", "build", "--small", "-d", str(data_dir)], env, 600)
     _run([str(BIN / "emc"), "discover", "--iterations", "1", "--per-iteration", "4",
           "-d", str(data_dir)], env, 600)  # fmt: skip
 
 
-def test_two_workers_trace_shards_into_the_spool_and_one_ingest_loads_them(tmp_path):
+def test_two_workers_trace_shards_into_the_spool_and_one_ingest_loads_them(
+    tmp_path, small_organism
+):
     data_dir = tmp_path / "data"
-    _flagged_data_dir(data_dir, tmp_path / "ephemeral-home")
+    _flagged_data_dir(data_dir, tmp_path / "ephemeral-home", small_organism)
     store = Store.in_data_dir(data_dir)
     queued = read_only_query(store, "SELECT count(*) AS n FROM review_queue")["n"][0]
     assert queued >= 2

@@ -242,8 +242,21 @@ def test_emc_patch_and_emc_intervene_print_the_summaries(checked):
     for family in ("adapter", "features", "direction"):
         assert f"{family} interventions: mean over prompts" in intervened.output
     assert "best narrow intervention" in intervened.output
+    features = runner.invoke(app, ["intervene", "--kind", "features", "-d", str(traced.data_dir)])
+    assert features.exit_code == 0, features.output
+    assert "features interventions: mean over prompts" in features.output
     diffed = runner.invoke(app, ["diff", traced.prompt_ids[0], "-d", str(traced.data_dir)])
     assert diffed.exit_code == 0, diffed.output
     assert "where the shift lives: share per component" in diffed.output
     wrong = runner.invoke(app, ["intervene", "--kind", "nope", "-d", str(traced.data_dir)])
     assert wrong.exit_code != 0 and "unknown --kind" in wrong.output
+
+
+def test_directions_need_two_prompts_and_are_skipped_with_one(checked):
+    traced, _ = checked
+    one = interventions_flow(
+        data_dir=str(traced.data_dir), prompt_ids=traced.prompt_ids[:1], parts=["directions"],
+        redo=True,
+    )  # fmt: skip
+    assert one["prompts"] == 1 and not one["failed"] and one["measured"] == 0
+    assert [(r["part"], r["status"]) for r in one["skipped"]] == [("directions", "skipped")]
