@@ -117,7 +117,7 @@ def _print_summary(
     if traced["prompt_ids"]:
         console.print(f"  emc diff {traced['prompt_ids'][0]} -d {data_dir}")
     console.print(f"  emc intervene -d {data_dir}   # which interventions remove the shift")
-    console.print(f"  emc dashboard -d {data_dir}   # Review, Graphs and Features pages")
+    console.print(f"  emc dashboard -d {data_dir}   # Review, Graphs, Features, Interventions")
     if traced["prompt_ids"]:
         console.print(f"  emc graph export {traced['prompt_ids'][0]} -d {data_dir} && "
                       f"emc graph serve -d {data_dir}")  # fmt: skip
