@@ -18,5 +18,6 @@ pages = [
     st.Page("views/graphs.py", title="Graphs", icon="🕸️"),
     st.Page("views/features.py", title="Features", icon="🧬"),
     st.Page("views/interventions.py", title="Interventions", icon="💉"),
+    st.Page("views/behaviour.py", title="Behaviour", icon="🗣️"),
 ]
 st.navigation(pages).run()

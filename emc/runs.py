@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,8 +10,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import emc
+from emc.processes import process_alive
 from emc.provenance import code_version, host_name, package_versions
 from emc.store import RunRecord, Store, finish_run, insert_run
+from emc.store.runs import fail_dead_runs
 
 
 def new_run_id(kind: str, name: str) -> str:
@@ -29,7 +32,10 @@ def recorded_run(
     """Insert a `running` row, then mark it completed or failed (with the error) on exit.
 
     The caller may put a JSON-able summary into `run.summary`; it is stored when the run ends.
+    The row records this process's PID and host; first, rows of this host left `running` by a
+    process that is gone (killed with -9, say) are marked failed: "process N died (killed?)".
     """
+    fail_dead_runs(store, host_name(), process_alive)
     version = code_version()
     run = RunRecord(
         run_id=new_run_id(kind, name),
@@ -44,6 +50,7 @@ def recorded_run(
         package_versions=package_versions(),
         host=host_name(),
         flow_run_id=flow_run_id,
+        pid=os.getpid(),
     )
     insert_run(store, run)
     try:

@@ -3,9 +3,19 @@
 Every stage reads what is missing from the store and writes under deterministic keys, so a
 killed run, run again, completes the rest without duplicates. Prompts from any source (the
 generator, `emc prompt add`, imported files) go through the same stages.
+
+Generator rounds resume too. A run records in its `runs` row how many rounds it has generated
+(after each round's prompts are stored). A new run whose parameters (config, data directory,
+rounds, prompts per round) equal those of the latest discovery run with those parameters, when
+that run failed (raised, or was killed: the next run marks a dead process's row failed), makes
+only the rounds that run did not: killed after round 2 of 3, the re-run generates round 3.
+A completed run is never resumed: running the same command again asks for new rounds.
+`resume=False` (`emc discover --no-resume`) always makes every round.
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 from prefect import flow, task
@@ -17,6 +27,7 @@ from prefect.artifacts import (
 )
 
 from emc.config import load_experiment
+from emc.faults import fault_point
 from emc.models import describe_model
 from emc.pivotal.backends import make_generator, make_judge
 from emc.pivotal.judge import Judgement
@@ -39,6 +50,7 @@ from emc.store.judgements import (
 from emc.store.prompts import get_prompts, insert_prompts, stored_prompt_ids
 from emc.store.queue import QueueItem, enqueue, queue_counts
 from emc.store.reviews import generator_feedback, judge_examples
+from emc.store.runs import latest_runs, update_run_summary
 from emc.store.scores import (
     insert_prompt_scores,
     load_prompt_scores,
@@ -180,8 +192,13 @@ def discovery_flow(
     data_dir: str | None = None,
     iterations: int | None = None,
     prompts_per_iteration: int | None = None,
+    resume: bool = True,
 ) -> dict:
-    """Run `iterations` rounds of generate -> score -> judge -> queue (0: only pending prompts)."""
+    """Run `iterations` rounds of generate -> score -> judge -> queue (0: only pending prompts).
+
+    With `resume`, a killed or failed run with the same parameters has its remaining rounds
+    made instead (see the module's docstring).
+    """
     config, resolved = load_experiment(config_path, data_dir)
     iterations = config.discovery.iterations if iterations is None else iterations
     per_round = prompts_per_iteration or config.discovery.prompts_per_iteration
@@ -194,21 +211,31 @@ def discovery_flow(
         "config": config.model_dump(mode="json"),
     }
     with recorded_run(store, "flow", "discovery", params, current_flow_run_id()) as run:
+        resumed = _resumable_run(store, params, run.run_id) if resume and iterations else None
+        done_before = resumed[1] if resumed else 0
+        to_generate = iterations - done_before
+        progress_note = {"rounds_generated": done_before}
+        if resumed:
+            # Recorded now: killed before its first round, this run still passes on the count.
+            progress_note["resumed_from"] = resumed[0]
+            update_run_summary(store, run.run_id, progress_note)
         rounds = []
         progress = create_progress_artifact(
             progress=0.0, key="discovery-rounds", description="discovery rounds done"
         )
         try:
-            for round_index in range(max(iterations, 1)):
-                generated = (
-                    generate_prompts(config_path, str(resolved), per_round, run.run_id)
-                    if iterations
-                    else {"added": 0}
-                )
+            for index in range(max(to_generate, 1)):
+                number = done_before + index + 1
+                generated = {"added": 0}
+                if to_generate > 0:
+                    generated = generate_prompts(config_path, str(resolved), per_round, run.run_id)
+                    progress_note["rounds_generated"] = number
+                    update_run_summary(store, run.run_id, progress_note)
                 scored = score_pending_prompts(config_path, str(resolved), run.run_id)
                 judged = judge_pending_prompts(config_path, str(resolved), run.run_id)
-                rounds.append({"round": round_index + 1, **generated, **scored, **judged})
-                update_progress_artifact(progress, 100.0 * len(rounds) / max(iterations, 1))
+                rounds.append({"round": number, **generated, **scored, **judged})
+                update_progress_artifact(progress, 100.0 * len(rounds) / max(to_generate, 1))
+                fault_point(f"discovery-round-{number}")
         finally:
             release_models()
         counts = judgement_counts(store, run.run_id)
@@ -225,11 +252,25 @@ def discovery_flow(
         )
         run.summary = {
             "run_id": run.run_id,
+            **progress_note,
             "rounds": rounds,
             "verdicts": dict(zip(counts["verdict"], counts["prompts"].astype(int), strict=True)),
             "queue": queue,
         }
     return run.summary
+
+
+def _resumable_run(store: Store, params: dict, run_id: str) -> tuple[str, int] | None:
+    """(run id, rounds it generated) of the run to resume: the latest discovery run with these
+    parameters, if it failed before generating all its rounds."""
+    for previous in latest_runs(store, "discovery", exclude=run_id):
+        if previous.params != json.loads(json.dumps(params, default=str)):
+            continue
+        done = (previous.summary or {}).get("rounds_generated", 0)
+        if previous.status == "failed" and done < params["iterations"]:
+            return previous.run_id, done
+        return None
+    return None
 
 
 def _summary_markdown(rounds: list[dict], queue: dict[str, int]) -> str:

@@ -9,7 +9,10 @@ named ones), one GPU task holds both models and, on the graph's token ids and la
 - restores the top-k attributed features in the adapted model and injects them into the base
   model, against matched random features (`features`);
 - subtracts, adds and ablates the mean-difference direction of each layer, with each prompt
-  left out of its own direction, against random directions of the same norm (`directions`).
+  left out of its own direction, against random directions of the same norm (`directions`);
+- samples what the models then *say* with the top-k features restored in the adapted model or
+  injected into the base model, against matched random features, each continuation judged
+  harmful, safe or unclear (`rollouts`).
 
 Rows are replaced per prompt and model pair, so a re-run adds no duplicates; prompts already
 measured are skipped unless `redo`. A prompt that fails is reported and the others go on.
@@ -38,6 +41,9 @@ from emc.analysis.directions import (
 )
 from emc.analysis.feature_interventions import DOSES, dose_response
 from emc.analysis.lora_geometry import read_lora_updates
+from emc.analysis.rollouts import feature_rollouts
+from emc.behaviour.judges import make_response_judge
+from emc.behaviour.sampling import SamplingParams
 from emc.config import load_experiment
 from emc.models import describe_model
 from emc.models.factory import resolve_adapter_dir
@@ -48,15 +54,20 @@ from emc.store.interventions import (
     intervention_summary,
     measured_prompts,
     replace_interventions,
+    replace_rollouts,
     replace_shift_components,
+    rollout_summary,
 )
+from emc.store.prompts import get_prompts
 from emc.tracing import release_memory
 from flows.analysis import PromptInputs, analysis_inputs
 from flows.discovery import RETRIES
 from flows.model_cache import cached_model, release_models
 from flows.runtime import current_flow_run_id, gpu_slot
 
-PARTS = ("decomposition", "adapter", "features", "directions")
+# Top-k features restored or injected while sampling (rollouts).
+ROLLOUT_KS = (20, 100)
+PARTS = ("decomposition", "adapter", "features", "directions", "rollouts")
 
 
 @task(task_run_name="causal-checks-{n_prompts}-prompts", **RETRIES)
@@ -82,6 +93,8 @@ def measure_causal(
     )
     needed = {part for parts in todo.values() for part in parts}
     rows: list[dict] = []
+    judge = make_response_judge(config) if "rollouts" in needed else None
+    prompt_text = {p.prompt_id: p for p in get_prompts(store, [i.prompt_id for i in prompts])}
     with gpu_slot():
         base = cached_model(config, "base")
         adapted = cached_model(config, "adapted")
@@ -99,20 +112,26 @@ def measure_causal(
             for part in todo[item.prompt_id]:
                 row = {"prompt_id": item.prompt_id, "part": part}
                 try:
-                    count = _measure(
-                        part,
-                        store,
-                        key,
-                        base,
-                        adapted,
-                        ids,
-                        targets,
-                        updates,
-                        directions.get(item.prompt_id),
-                        doses,
-                        run_id,
-                        dtype,
-                    )
+                    if part == "rollouts":
+                        count = _rollouts(
+                            config, store, key, base, adapted, ids, targets, judge,
+                            prompt_text.get(item.prompt_id), run_id, dtype,
+                        )  # fmt: skip
+                    else:
+                        count = _measure(
+                            part,
+                            store,
+                            key,
+                            base,
+                            adapted,
+                            ids,
+                            targets,
+                            updates,
+                            directions.get(item.prompt_id),
+                            doses,
+                            run_id,
+                            dtype,
+                        )
                     rows.append(row | {"status": "ok", "rows": count})
                 except Exception as exc:  # this prompt's part fails; the rest go on
                     error = f"{type(exc).__name__}: {exc}"
@@ -199,6 +218,20 @@ def _measure(
         raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
     replace_interventions(store, key, family, pd.DataFrame(records), run_id, dtype)
     return len(records)
+
+
+def _rollouts(config, store, key, base, adapted, ids, targets, judge, prompt, run_id, dtype):
+    """What the models say with the top-k features restored or injected, against controls."""
+    params = SamplingParams.from_config(config.behaviour)
+    question = prompt.text if prompt is not None else ""
+    prefix = prompt.assistant_prefix if prompt is not None and prompt.format == "chat" else ""
+    results = feature_rollouts(
+        base, adapted, ids, targets, judge, question, prefix, ks=ROLLOUT_KS,
+        n=config.behaviour.continuation_samples, params=params, seed=config.behaviour.seed,
+    )  # fmt: skip
+    frame = pd.DataFrame([r.model_dump() for r in results])
+    replace_rollouts(store, key, frame, run_id, dtype, judge.model_id, config.behaviour.temperature)
+    return len(frame)
 
 
 def _row(
@@ -340,6 +373,8 @@ def _done(store: Store, part: str, base_id: str, adapted_id: str) -> set[str]:
     """Prompts this part has measured already."""
     if part == "decomposition":
         return measured_prompts(store, "shift_components", base_id, adapted_id)
+    if part == "rollouts":
+        return measured_prompts(store, "intervention_rollouts", base_id, adapted_id)
     family = {"adapter": "adapter", "features": "features", "directions": "direction"}[part]
     return measured_prompts(store, "interventions", base_id, adapted_id, family)
 
@@ -363,6 +398,13 @@ def causal_summary(store: Store, base_id: str, adapted_id: str) -> dict:
         | ((removals["family"] == "direction") & (removals["target"] != "every layer"))
         | (removals["kind"] == "without_module")
     ]
+    rollouts = rollout_summary(store, base_id, adapted_id)
+    if not rollouts.empty:
+        summary["rollouts"] = {
+            f"{r.kind} {r.target} ({r.model_role})": {
+                "p_harmful": float(r.p_harmful), "n": int(r.n), "prompts": int(r.prompts)}
+            for r in rollouts.itertuples()
+        }  # fmt: skip
     best = narrow.sort_values("removed", ascending=False).head(1)
     if len(best):
         row = best.iloc[0]
@@ -403,6 +445,31 @@ def headline(summary: dict) -> list[str]:
             f"module): {best['family']} {best['kind']} {best['target']} removes "
             f"{best['removed']:.1%} of the shift"
             + ("" if control is None else f"; its matched control {control:.1%}")
+        )
+    lines += rollout_lines(summary.get("rollouts") or {})
+    return lines
+
+
+def rollout_lines(rollouts: dict) -> list[str]:
+    """What the models then say: p(harmful) of their continuations under each feature edit."""
+    if not rollouts:
+        return []
+
+    def p(name: str) -> str:
+        row = rollouts.get(name)
+        return "?" if row is None else f"{row['p_harmful']:.2f}"
+
+    prompts = next(iter(rollouts.values()))["prompts"]
+    lines = [
+        f"what the models then say (p(harmful) of sampled continuations, {prompts} prompts): "
+        f"base {p('none as is (base)')}, adapted {p('none as is (adapted)')}"
+    ]
+    ks = sorted({int(name.split()[2]) for name in rollouts if name.startswith("restore top")})
+    for k in ks:
+        lines.append(
+            f"  top {k} features restored in adapted: {p(f'restore top {k} (adapted)')} "
+            f"(random {k}: {p(f'restore random {k} (adapted)')}); injected into base: "
+            f"{p(f'inject top {k} (base)')} (random {k}: {p(f'inject random {k} (base)')})"
         )
     return lines
 

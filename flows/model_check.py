@@ -42,6 +42,7 @@ def probe_model(config_path: str | None, data_dir: str, role: str, run_id: str) 
             "model": identity.model_id,
             "prompt": r.prompt[-40:],
             "status": r.status,
+            "error": r.error or "",
             "top tokens": " ".join(
                 f"{token!r}:{prob:.2f}"
                 for token, prob in zip(r.top_tokens[:3], r.top_probs[:3], strict=True)
@@ -73,5 +74,14 @@ def model_check_flow(
         create_table_artifact(
             key="model-check", table=rows, description=f"{len(rows)} probes, {failed} failed"
         )
-        run.summary = {"probes": len(rows), "failed": failed, "run_id": run.run_id}
+        run.summary = {
+            "probes": len(rows),
+            "failed": failed,
+            "run_id": run.run_id,
+            "failures": [
+                f"{row['role']} on {row['prompt']!r}: {row['error']}"
+                for row in rows
+                if row["status"] != "ok"
+            ],
+        }
     return run.summary

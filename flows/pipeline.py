@@ -1,5 +1,5 @@
 """The full pipeline as one flow: organism -> model check -> discovery -> tracing -> analysis ->
-causal checks.
+causal checks -> behaviour.
 
 Each stage is its own flow, run here as a subflow, so the Prefect UI shows one parent run with a
 child per stage and each stage keeps its own artifacts and `runs` row. The stages are the same
@@ -15,6 +15,7 @@ from emc.config import default_config_path, resolve_data_dir
 from emc.store import Store, read_only_query
 from flows.analysis import analysis_flow
 from flows.discovery import discovery_flow
+from flows.evaluation import evaluation_flow
 from flows.interventions import interventions_flow
 from flows.model_check import model_check_flow
 from flows.organism import organism_flow
@@ -30,6 +31,8 @@ STORE_COUNTS = (
     "SELECT 'ablations', count(*) FROM ablations UNION ALL "
     "SELECT 'shift components', count(*) FROM shift_components UNION ALL "
     "SELECT 'interventions', count(*) FROM interventions UNION ALL "
+    "SELECT 'generations', count(*) FROM generations UNION ALL "
+    "SELECT 'continuation checks', count(*) FROM continuation_checks UNION ALL "
     "SELECT 'runs', count(*) FROM runs"
 )
 
@@ -53,43 +56,55 @@ def pipeline_flow(
     select: str = "flagged",
     graphs: int = 6,
     ablate_top: int = 5,
+    continuation_samples: int = 10,
+    eval_samples: int = 5,
 ) -> dict:
     """Run every stage on the data directory's experiment.
 
     Without `config_path`, the organism (`organism`: default or subtle; None: use the data
     directory's own experiment.yaml as it is) is built or reused first. Tracing takes the `graphs`
-    most urgent prompts of the review queue (`select`: flagged, or reviewed only).
+    most urgent prompts of the review queue (`select`: flagged, or reviewed only). Behaviour
+    samples `continuation_samples` continuations per context of the flagged prompts and
+    `eval_samples` answers per question paraphrase (the organism's control adapter too).
     """
     logger = get_run_logger()
     resolved = str(resolve_data_dir(data_dir))
     organism_summary = None
     if config_path is None and organism is not None:
-        logger.info("1/6 organism (%s)", organism)
+        logger.info("1/7 organism (%s)", organism)
         organism_summary = organism_flow(data_dir=resolved, variant=organism, small=small_organism)
     elif config_path is None and not default_config_path(resolve_data_dir(resolved)).is_file():
         raise ValueError(
             f"no config: pass config_path, or organism=default to build the organism in {resolved}"
         )
     stages = {"organism": organism_summary}
-    logger.info("2/6 model check")
+    logger.info("2/7 model check")
     stages["check"] = model_check_flow(config_path=config_path, data_dir=resolved)
-    logger.info("3/6 discovery")
+    logger.info("3/7 discovery")
     stages["discovery"] = discovery_flow(
         config_path=config_path,
         data_dir=resolved,
         iterations=iterations,
         prompts_per_iteration=prompts_per_iteration,
     )
-    logger.info("4/6 tracing")
+    logger.info("4/7 tracing")
     stages["tracing"] = tracing_flow(
         config_path=config_path, data_dir=resolved, select=select, limit=graphs
     )
-    logger.info("5/6 analysis")
+    logger.info("5/7 analysis")
     stages["analysis"] = analysis_flow(
         config_path=config_path, data_dir=resolved, ablate_top=ablate_top
     )
-    logger.info("6/6 causal checks")
+    logger.info("6/7 causal checks")
     stages["interventions"] = interventions_flow(config_path=config_path, data_dir=resolved)
+    logger.info("7/7 behaviour")
+    stages["behaviour"] = behaviour_stage(
+        config_path,
+        resolved,
+        continuation_samples,
+        eval_samples,
+        compare_control=bool(organism_summary and organism_summary.get("config") is not None),
+    )
     store = Store.in_data_dir(resolved)
     counts = read_only_query(store, STORE_COUNTS)
     create_table_artifact(
@@ -99,6 +114,60 @@ def pipeline_flow(
         key="pipeline-summary", markdown=_markdown(store, stages), description="Pipeline"
     )
     return {"data_dir": resolved, "store": str(store.path), **stages}
+
+
+def behaviour_stage(
+    config_path: str | None,
+    data_dir: str,
+    continuation_samples: int,
+    eval_samples: int,
+    compare_control: bool,
+) -> dict:
+    """Continuation checks of the flagged prompts, the EM evaluation with response features,
+    and (on the organism) the EM evaluation of the control adapter, the negative control."""
+    common = {"config_path": config_path, "data_dir": data_dir}
+    result = {
+        "checks": evaluation_flow(**common, parts=["continuations"], samples=continuation_samples),
+        "em": evaluation_flow(**common, parts=["em", "features"], samples=eval_samples),
+    }
+    if compare_control and _has_control_adapter(config_path, data_dir):
+        result["control"] = evaluation_flow(
+            **common, parts=["em"], samples=eval_samples, adapter="control", roles=["adapted"]
+        )
+    return result
+
+
+def _has_control_adapter(config_path: str | None, data_dir: str) -> bool:
+    from pathlib import Path
+
+    from emc.config import load_experiment
+
+    config, _ = load_experiment(config_path, data_dir)
+    adapter = config.models.adapter
+    return adapter is not None and (Path(adapter.ref).parent / "control").is_dir()
+
+
+def behaviour_lines(behaviour: dict) -> list[str]:
+    """The stage's findings in sentences: confirmed prompts and EM rates per model."""
+    lines = []
+    checks = behaviour["checks"]["continuations"]
+    lines.append(
+        f"continuation checks: {checks['confirmed']} of {checks['checked']} flagged prompts "
+        f"confirmed by what the adapted model says ({checks['samples_per_context']} samples)"
+    )
+    names = {v: k for k, v in behaviour["em"]["models"].items()}
+    if "control" in behaviour:
+        names[behaviour["control"]["models"]["adapted"]] = "control"
+    rates = list(behaviour["em"]["em"]["rates"])
+    if "control" in behaviour:
+        rates += behaviour["control"]["em"]["rates"]
+    for r in rates:
+        if r["question_group"] in ("all", "other_domains"):
+            lines.append(
+                f"EM rate {names.get(r['model_id'], r['model_id'])} ({r['question_group']}): "
+                f"{r['em_rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] over {r['counted']} answers"
+            )
+    return lines
 
 
 def _markdown(store: Store, stages: dict) -> str:
@@ -113,6 +182,7 @@ def _markdown(store: Store, stages: dict) -> str:
     from flows.interventions import headline
 
     lines += ["", *headline(stages["interventions"])]
+    lines += ["", *behaviour_lines(stages["behaviour"])]
     lines += [
         "",
         "Next: `emc dashboard -d DATA_DIR` (Review, Graphs, Features), `emc analyze "

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -28,6 +29,16 @@ def configure_prefect(data_dir: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The ephemeral API server gets 20 s to start; on two busy cores it sometimes needs more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if "PREFECT_API_URL" not in os.environ and "prefect" not in sys.modules:
+        # Our own temporary server instead of Prefect's: it dies with this process, even on
+        # kill -9 (see flows/local_server.py). Once Prefect is imported (tests), its settings
+        # are fixed and Prefect's own server or the test harness is used.
+        from flows.local_server import start_local_server
+        from flows.slots import LOCAL_API_ENV
+
+        timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        url = start_local_server(Path(os.environ["PREFECT_HOME"]).expanduser(), timeout)
+        os.environ["PREFECT_API_URL"] = os.environ[LOCAL_API_ENV] = url
 
 
 _ensured: set[str] = set()
@@ -55,21 +66,22 @@ def ensure_concurrency_limit(name: str, limit: int) -> None:
 
 @contextmanager
 def gpu_slot() -> Iterator[None]:
-    """Hold the single `gpu` slot. strict=True: a missing limit is an error, never a free pass."""
-    from prefect.concurrency.sync import concurrency
+    """Hold the single `gpu` slot. A missing limit is created, never skipped; a slot held by a
+    dead process is reclaimed, and a wait is logged (flows/slots.py)."""
+    from flows.slots import hold_slot
 
     ensure_concurrency_limit(GPU_LIMIT, DEFAULT_LIMITS[GPU_LIMIT])
-    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+    with hold_slot(GPU_LIMIT):
         yield
 
 
 @contextmanager
 def store_writer_slot() -> Iterator[None]:
     """Hold the single `store-writer` slot: one task loading results into the store at a time."""
-    from prefect.concurrency.sync import concurrency
+    from flows.slots import hold_slot
 
     ensure_concurrency_limit(STORE_WRITER_LIMIT, DEFAULT_LIMITS[STORE_WRITER_LIMIT])
-    with concurrency(STORE_WRITER_LIMIT, occupy=1, strict=True):
+    with hold_slot(STORE_WRITER_LIMIT):
         yield
 
 

@@ -88,3 +88,11 @@ def small_organism(tmp_path_factory):
 
     data_dir = tmp_path_factory.mktemp("organism-data")
     return prepare_organism(data_dir, OrganismRecipe.small())
+
+
+@pytest.fixture(scope="session")
+def behaviour_store(tmp_path_factory, small_organism, prefect_harness):
+    """Discovery, continuation checks and EM evaluations made by the flows, once per session."""
+    from tests.behaviour_store import build_behaviour_store
+
+    return build_behaviour_store(small_organism, tmp_path_factory.mktemp("behaviour-data"))

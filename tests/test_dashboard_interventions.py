@@ -10,7 +10,6 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import interventions_view as view
-from emc.config import dump_config
 from emc.store import STORE_FILE_NAME, Store
 from emc.store.interventions import (
     decomposition_summary,
@@ -20,6 +19,7 @@ from emc.store.interventions import (
 from emc.store.models import ModelRow
 from flows.interventions import interventions_flow
 from tests.apptest_charts import chart_data
+from tests.behaviour_store import ROLLOUT_SAMPLES, write_config
 from tests.graph_store import TracedStore, build_traced_store
 
 PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "interventions.py")
@@ -30,7 +30,8 @@ N_PROMPTS = 2
 def checked(tmp_path_factory, small_organism, prefect_harness) -> TracedStore:
     """Graph pairs of two prompts, then every causal check on them, made once for this module."""
     data_dir = tmp_path_factory.mktemp("interventions-page")
-    (data_dir / "experiment.yaml").write_text(dump_config(small_organism.config))
+    # Few, short rollouts: the flow's sampling is tested in test_behaviour.py.
+    write_config(small_organism, data_dir, continuation_samples=ROLLOUT_SAMPLES)
     traced = build_traced_store(small_organism, data_dir, n_prompts=N_PROMPTS)
     summary = interventions_flow(data_dir=str(data_dir), doses=[1, 5])
     assert summary["measured"] == N_PROMPTS and not summary["failed"]

@@ -141,6 +141,8 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path, small_organi
                 "prompts_per_iteration": 2,
                 "graphs": 1,
                 "ablate_top": 3,
+                "continuation_samples": 3,
+                "eval_samples": 2,
             }
             run = subprocess.run(
                 [str(BIN / "prefect"), "deployment", "run", "pipeline/process",
@@ -164,6 +166,9 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path, small_organi
         "tracing-flagged-config",
         "analysis-all-pairs-top3",
         "interventions-all-pairs",
+        "evaluation-continuations",
+        "evaluation-em+features",
+        "evaluation-em",  # the control adapter, the negative control
     }
     missing = expected_runs - set(published["flow_runs"])
     assert not missing, (sorted(missing), sorted(published["flow_runs"]))
@@ -180,6 +185,8 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path, small_organi
         "analysis-ranking",
         "analysis-forward",
         "interventions-summary",
+        "behaviour",
+        "em-rates",
     }
     missing = expected_artifacts - set(published["artifacts"])
     assert not missing, (sorted(missing), sorted(published["artifacts"]))
@@ -187,7 +194,7 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path, small_organi
     store = Store.in_data_dir(data_dir)
     runs = read_only_query(store, "SELECT name, kind, status, flow_run_id FROM runs")
     assert set(runs["name"]) == {"organism-build", "model-check", "discovery", "tracing",
-                                 "analysis", "interventions"}  # fmt: skip
+                                 "analysis", "interventions", "evaluation"}  # fmt: skip
     assert set(runs["status"]) == {"completed"} and set(runs["kind"]) == {"flow"}
     assert runs["flow_run_id"].notna().all()
     graphs = read_only_query(store, "SELECT status FROM graphs")

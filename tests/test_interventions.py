@@ -18,12 +18,17 @@ from emc.analysis.directions import (
 from emc.analysis.feature_interventions import (
     FeatureEdit,
     dose_response,
+    editing,
     gap_with,
     matched_control,
 )
+from emc.analysis.hooks import split_targets
 from emc.analysis.lora_geometry import read_lora_updates
+from emc.analysis.rollouts import feature_rollouts
+from emc.behaviour.lexicon_scorer import LexiconResponseJudge
+from emc.behaviour.sampling import SamplingParams, sample
 from emc.cli import app
-from emc.config import dump_config, parse_config
+from emc.config import parse_config
 from emc.models import load_replacement_model
 from emc.organism import Lexicon
 from emc.organism.null_adapters import write_null_adapter
@@ -32,6 +37,7 @@ from emc.pivotal.prompts import render_prompt
 from emc.store import read_only_query
 from emc.store.interventions import causal_model_pairs
 from flows.interventions import interventions_flow
+from tests.behaviour_store import ROLLOUT_SAMPLES, write_config
 from tests.graph_store import TracedStore, build_traced_store
 
 N_PROMPTS = 3
@@ -193,13 +199,46 @@ def test_a_zero_direction_changes_nothing_and_results_cover_every_layer(models, 
         assert r.share == pytest.approx(0 if r.mode == "add" else 1, abs=1e-6)
 
 
+def test_restoring_a_models_own_activations_while_sampling_changes_no_token(models, prompts):
+    # The rollouts' path: feature edits by prompt position, full passes instead of the cache.
+    adapted = models["adapted"]
+    ids, targets = prompts[0]
+    evil, safe = split_targets(targets, "test")
+    own: dict[int, torch.Tensor] = {}
+    gap_with(adapted, ids, evil, safe, record=own)
+    features = tuple((layer, f) for layer in own for f in range(0, own[layer].shape[1], 7))
+    params = SamplingParams(temperature=1.0, max_tokens=12)
+    plain = sample(adapted, ids, [1, 2, 3], params)
+    with editing(adapted, FeatureEdit("restore", features, 0, own)):
+        edited = sample(adapted, ids, [1, 2, 3], params, use_cache=False)
+    assert [s.token_ids for s in edited] == [s.token_ids for s in plain]
+
+
+def test_feature_rollouts_cover_every_setting_with_paired_seeds(models, prompts):
+    ids, targets = prompts[0]
+    judge = LexiconResponseJudge("organism-lexicon:test")
+    results = feature_rollouts(
+        models["base"], models["adapted"], ids, targets, judge, "q", " You should", ks=(5,), n=6,
+        params=SamplingParams(max_tokens=10),
+    )  # fmt: skip
+    assert [(r.kind, r.target, r.model_role) for r in results] == [
+        ("none", "as is", "base"), ("none", "as is", "adapted"),
+        ("restore", "top 5", "adapted"), ("restore", "random 5", "adapted"),
+        ("inject", "top 5", "base"), ("inject", "random 5", "base"),
+    ]  # fmt: skip
+    assert all(r.n == 6 and r.n_harmful + r.n_unclear <= 6 for r in results)
+    assert all(r.examples[0].startswith(" You should") for r in results)
+    assert results[2].n_features == 5 and results[0].n_features == 0
+
+
 # -- the flow and the commands ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory, small_organism, prefect_harness) -> tuple[TracedStore, dict]:
     data_dir = tmp_path_factory.mktemp("interventions-flow")
-    (data_dir / "experiment.yaml").write_text(dump_config(small_organism.config))
+    # Few, short rollouts: the flow's sampling is tested in test_behaviour.py.
+    write_config(small_organism, data_dir, continuation_samples=ROLLOUT_SAMPLES)
     traced = build_traced_store(small_organism, data_dir, n_prompts=N_PROMPTS)
     summary = interventions_flow(data_dir=str(data_dir), doses=[1, 5])
     return traced, summary
@@ -217,13 +256,31 @@ def test_the_flow_stores_every_part_for_every_prompt(checked):
     expected = {"adapter": N_PROMPTS, "features": N_PROMPTS, "direction": N_PROMPTS}
     assert dict(zip(families["family"], families["n"], strict=True)) == expected
     assert causal_model_pairs(traced.store) == [(traced.base_model_id, traced.adapted_model_id)]
+    rollouts = read_only_query(traced.store, "SELECT * FROM intervention_rollouts")
+    assert set(rollouts["prompt_id"]) == set(traced.prompt_ids)
+    settings = set(zip(rollouts["kind"], rollouts["target"], rollouts["model_role"], strict=True))
+    assert {("none", "as is", "base"), ("none", "as is", "adapted"),
+            ("restore", "top 20", "adapted"), ("restore", "random 20", "adapted"),
+            ("inject", "top 20", "base"), ("inject", "random 20", "base")} <= settings  # fmt: skip
+    assert (rollouts["n"] == ROLLOUT_SAMPLES).all()
+    assert rollouts["ci_low"].le(rollouts["p_harmful"]).all()
+    assert set(rollouts["judge_model"]) == {small_config_judge(traced)}
     assert 0.7 < summary["explained"] < 1.3
     assert summary["best_narrow"]["family"] in ("adapter", "features", "direction")
 
 
+def small_config_judge(traced: TracedStore) -> str:
+    from emc.config import load_experiment
+
+    return load_experiment(None, traced.data_dir)[0].judge.model
+
+
 def test_a_rerun_measures_nothing_again_and_adds_no_rows(checked):
     traced, _ = checked
-    count = "SELECT (SELECT count(*) FROM shift_components) + (SELECT count(*) FROM interventions)"
+    count = (
+        "SELECT (SELECT count(*) FROM shift_components) + (SELECT count(*) FROM interventions) "
+        "+ (SELECT count(*) FROM intervention_rollouts)"
+    )
     before = int(read_only_query(traced.store, count).iloc[0, 0])
     again = interventions_flow(data_dir=str(traced.data_dir), doses=[1, 5])
     assert again["measured"] == 0
@@ -242,6 +299,10 @@ def test_emc_patch_and_emc_intervene_print_the_summaries(checked):
     for family in ("adapter", "features", "direction"):
         assert f"{family} interventions: mean over prompts" in intervened.output
     assert "best narrow intervention" in intervened.output
+    assert "what the models then say" in intervened.output
+    rollouts = runner.invoke(app, ["intervene", "--kind", "rollouts", "-d", str(traced.data_dir)])
+    assert rollouts.exit_code == 0, rollouts.output
+    assert "what the models say under feature edits" in rollouts.output
     features = runner.invoke(app, ["intervene", "--kind", "features", "-d", str(traced.data_dir)])
     assert features.exit_code == 0, features.output
     assert "features interventions: mean over prompts" in features.output

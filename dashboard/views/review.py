@@ -13,6 +13,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
+from dashboard import behaviour_view
 from dashboard import review_view as view
 from dashboard.data import current_store
 from emc.pivotal.review import ReviewError, make_review
@@ -210,6 +211,11 @@ st.dataframe(
     hide_index=True,
     width="stretch",
 )
+# Whether the adapted model follows through: what both models said after this prompt.
+check = behaviour_view.review_check(
+    store, prompt_id, judgement["base_model_id"], judgement["adapted_model_id"]
+)
+behaviour_view.show_continuation_check(st, check, prompt_id)
 
 st.markdown("##### Your labels")
 if not judge_labels:

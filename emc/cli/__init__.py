@@ -2,6 +2,7 @@
 
 from emc.cli import (  # noqa: F401  (registers commands)
     analysis,
+    behaviour,
     demo,
     discovery,
     graph,

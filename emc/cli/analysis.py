@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail
+from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail, require_store
 from emc.config import ConfigError, load_experiment
-from emc.console import console, print_frame
+from emc.console import console, inline, print_frame
 
 
 @app.command()
@@ -89,9 +89,11 @@ def analyze(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     summary = None
-    if not ranking_only:
+    if ranking_only:
+        store = require_store(resolved)  # only reads: a mistyped -d must not make a store
+    else:
         summary = _run_analysis(config, resolved, prompt_ids, metric, ablate, redo)
-    store = Store.in_data_dir(resolved)
+        store = Store.in_data_dir(resolved)
     ranking = feature_ranking(
         store,
         metric,
@@ -187,8 +189,8 @@ def diff(
     and per layer the error share of influence in each graph, the effect deltas and (after
     `emc analyze`) the forward-pass difference; a rejected prompt or a stale pair is marked.
     Without a prompt: the same over every pair, rejected prompts and stale pairs left out.
+    Read-only: a directory without a store is refused.
     """
-    from emc.store import Store
     from emc.store.features import RANKING_METRICS
     from emc.store.graph_diff import graph_diff_summary, layer_diff_summary, prompt_graph_diff
     from emc.store.graph_pairs import graph_pairs
@@ -200,7 +202,7 @@ def diff(
         resolved = data_dir_from(data_dir, config)
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    store = Store.in_data_dir(resolved)
+    store = require_store(resolved)
     pairs = graph_pairs(store)
     if not pairs:
         raise fail("no base/adapted graph pairs in the store: run `emc trace` first")
@@ -221,8 +223,8 @@ def diff(
     result = prompt_graph_diff(store, pair, metric)
     if pair.rejected:
         console.print(
-            f"[yellow bold]rejected[/] prompt {pair.prompt_id}: {pair.rejection_badge}. It counts "
-            "in no ranking or summary."
+            f"[yellow bold]rejected[/] prompt {pair.prompt_id}: {inline(pair.rejection_badge)}. "
+            "It counts in no ranking or summary."
         )
     if pair.stale:
         console.print(

@@ -19,7 +19,7 @@ def demo(
     iterations: Annotated[int, typer.Option(help="Discovery rounds.")] = 2,
     per_iteration: Annotated[int, typer.Option(help="Prompts per discovery round.")] = 8,
     small: Annotated[
-        bool, typer.Option(help="The organism's seconds-long test recipe (no misalignment).")
+        bool, typer.Option(help="The organism's seconds-long test recipe (weaker misalignment).")
     ] = False,
     graphs: Annotated[
         int, typer.Option(help="Trace this many flagged prompts (base and adapted graphs each).")
@@ -27,11 +27,19 @@ def demo(
     ablate: Annotated[
         int, typer.Option(help="Zero this many top features in the analysis's causal check.")
     ] = 5,
+    continuation_samples: Annotated[
+        int, typer.Option(help="Continuations per context in the flagged prompts' check.")
+    ] = 10,
+    eval_samples: Annotated[
+        int, typer.Option(help="Answers per question paraphrase and model in the EM evaluation.")
+    ] = 5,
 ) -> None:
     """Run the whole pipeline on the organism: build it (or reuse it), check the models,
     discover pivotal prompts, fill the review queue, trace attribution graphs of the most
-    urgent flagged prompts, and analyse them (base-vs-adapted diff, top features, ablation,
-    LoRA geometry). Offline, CPU, a few minutes.
+    urgent flagged prompts, analyse them (base-vs-adapted diff, top features, ablation, LoRA
+    geometry), run the causal checks (where the shift lives, what removes it), and check
+    behaviour (do the flagged prompts' continuations turn harmful; EM rate of base, EM adapter
+    and control adapter). Offline, CPU, a few minutes.
 
     Ends by printing where the store is, a summary, and what to open next.
     """
@@ -45,7 +53,7 @@ def demo(
     from flows.pipeline import pipeline_flow
 
     console.rule(
-        "pipeline: organism -> model check -> discovery -> tracing -> analysis -> causal checks"
+        "pipeline: organism -> check -> discovery -> tracing -> analysis -> causal -> behaviour"
     )
     # The same flow the `pipeline` deployments run; each stage is a subflow with its own logs.
     result = pipeline_flow(
@@ -57,6 +65,8 @@ def demo(
         select="flagged",  # nobody has reviewed anything yet: trace what the judge flagged
         graphs=graphs,
         ablate_top=ablate,
+        continuation_samples=continuation_samples,
+        eval_samples=eval_samples,
     )
     organism = result["organism"]
     harmful = organism["harmful_heldout"]
@@ -74,11 +84,18 @@ def demo(
         result["analysis"],
         result["interventions"],
         time.perf_counter() - started,
+        result["behaviour"],
     )
 
 
 def _print_summary(
-    data_dir, summary: dict, traced: dict, analysed: dict, causal: dict, seconds: float
+    data_dir,
+    summary: dict,
+    traced: dict,
+    analysed: dict,
+    causal: dict,
+    seconds: float,
+    behaviour: dict,
 ) -> None:
     from emc.store import Store, read_only_query
     from emc.store.features import feature_ranking
@@ -110,6 +127,10 @@ def _print_summary(
 
     for line in headline(causal):
         console.print(line)
+    from flows.pipeline import behaviour_lines
+
+    for line in behaviour_lines(behaviour):
+        console.print(line)
     console.print(f"\nstore: {store.path}   ({seconds:.0f} s)")
     console.print("next:")
     console.print(f'  emc sql "SELECT * FROM divergences ORDER BY js DESC" -d {data_dir}')
@@ -117,6 +138,7 @@ def _print_summary(
     if traced["prompt_ids"]:
         console.print(f"  emc diff {traced['prompt_ids'][0]} -d {data_dir}")
     console.print(f"  emc intervene -d {data_dir}   # which interventions remove the shift")
+    console.print(f"  emc eval rates -d {data_dir}   # EM rate per model, with intervals")
     console.print(f"  emc dashboard -d {data_dir}   # Review, Graphs, Features, Interventions")
     if traced["prompt_ids"]:
         console.print(f"  emc graph export {traced['prompt_ids'][0]} -d {data_dir} && "

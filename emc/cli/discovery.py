@@ -9,9 +9,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from emc.cli.app import ConfigOption, DataDirOption, app, fail, prepare_flows
+from emc.cli.app import ConfigOption, DataDirOption, app, existing_store, fail, prepare_flows
+from emc.cli.exits import PARTIAL, exit_for
 from emc.config import ConfigError, load_experiment
-from emc.console import console, print_frame
+from emc.console import console, inline, plain, print_frame
 
 prompt_app = typer.Typer(help="Add, import and list pivotal prompts.", no_args_is_help=True)
 app.add_typer(prompt_app, name="prompt")
@@ -61,6 +62,28 @@ def _human_prompt(text: str, prompt_format: str, prefix: str, name: str | None, 
         raise fail(str(exc)) from None
 
 
+def _too_long(experiment, prompts) -> dict[str, str]:
+    """prompt_id -> why, for the prompts longer than the model's context.
+
+    Where the base model's tokenizer cannot be read, nothing is refused here (a note says so):
+    scoring refuses a too-long prompt on its own, as a failed item.
+    """
+    from emc.models import ModelLoadError, load_tokenizer_and_context
+    from emc.pivotal.logits import too_long_prompts
+
+    try:
+        tokenizer, context = load_tokenizer_and_context(experiment)
+        too_long = too_long_prompts(prompts, tokenizer, context)
+    except (ModelLoadError, OSError, ValueError) as exc:
+        console.print(
+            f"[yellow]note:[/] prompt lengths not checked against the model's context "
+            f"({inline(str(exc))}); scoring refuses prompts that do not fit",
+            highlight=False,
+        )
+        return {}
+    return {prompt.prompt_id: str(error) for prompt, error in too_long}
+
+
 @prompt_app.command("add")
 def prompt_add(
     text: Annotated[str, typer.Argument(help="The prompt, ending at the decision point.")],
@@ -75,13 +98,19 @@ def prompt_add(
 
     A pivotal prompt ends exactly where the next token is the decision: "I found a wallet on the
     street. My first action is to". Avoid ending on "a"/"some" (the next token is a determiner).
+    A prompt longer than the model's context is refused.
+
+    Exit codes: 0 added or already stored; 2 refused (the reason is printed).
     """
     from emc.runs import recorded_run
     from emc.store import Store
     from emc.store.prompts import insert_prompts
 
-    _, resolved = _experiment(config, data_dir)
+    experiment, resolved = _experiment(config, data_dir)
     prompt = _human_prompt(text, prompt_format, prefix, name, author)
+    too_long = _too_long(experiment, [prompt])
+    if too_long:
+        raise fail(f"not added: {too_long[prompt.prompt_id]}")
     store = Store.in_data_dir(resolved)
     with recorded_run(store, "cli", "prompt-add", {"prompt_id": prompt.prompt_id}) as run:
         added = insert_prompts(store, [prompt], run.run_id)
@@ -101,15 +130,30 @@ def prompt_import(
 
     Accepted: a JSON list of `{name, prompt, ...}` (also with category, reasoning), or a single
     object `{name, prompt, prompt_type, generator_model, timestamp}`. prompt_type
-    chat_user_assistant ("User: ...\\nAssistant: ...") becomes a chat prompt.
+    chat_user_assistant ("User: ...\\nAssistant: ...") becomes a chat prompt. Prompts longer
+    than the model's context are skipped.
+
+    Exit codes: 0 every entry imported (or already stored); 2 nothing imported (the file is
+    missing, not JSON, or holds no good entry); 3 partial (the skipped entries are listed).
     """
-    from emc.pivotal.prompts import read_prompt_file
+    from emc.pivotal.prompts import PromptProblem, read_prompt_file
     from emc.runs import recorded_run
     from emc.store import Store
     from emc.store.prompts import insert_prompts
 
-    _, resolved = _experiment(config, data_dir)
+    experiment, resolved = _experiment(config, data_dir)
     prompts, problems = read_prompt_file(file)
+    too_long = _too_long(experiment, prompts) if prompts else {}
+    problems += [
+        PromptProblem(where=f"{file}: {p.name!r}", reason=too_long[p.prompt_id])
+        for p in prompts
+        if p.prompt_id in too_long
+    ]
+    prompts = [p for p in prompts if p.prompt_id not in too_long]
+    if not prompts:
+        for problem in problems:
+            console.print(f"[yellow]skipped[/] {problem.where}: {problem.reason}", highlight=False)
+        raise fail(f"{file}: nothing imported: no good entry ({len(problems)} problem(s))")
     store = Store.in_data_dir(resolved)
     with recorded_run(store, "cli", "prompt-import", {"file": str(file)}) as run:
         added = insert_prompts(store, prompts, run.run_id)
@@ -120,16 +164,17 @@ def prompt_import(
         f"{file}: {len(prompts)} good, {added} new, {len(prompts) - added} already stored, "
         f"{len(problems)} skipped"
     )
+    if problems:
+        raise typer.Exit(code=PARTIAL)
 
 
 @prompt_app.command("list")
 def prompt_list(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """List stored prompts with their source."""
-    from emc.store import Store, read_only_query
+    """List stored prompts with their source. Read-only: a directory without a store is refused."""
+    from emc.store import read_only_query
 
-    _, resolved = _experiment(config, data_dir)
     frame = read_only_query(
-        Store.in_data_dir(resolved),
+        existing_store(data_dir, config),
         "SELECT prompt_id, name, format, source, created_at FROM prompts ORDER BY created_at",
     )
     print_frame(frame, title=f"{len(frame)} prompts")
@@ -143,6 +188,13 @@ def discover(
         int | None, typer.Option(help="Generator rounds (0: only score and judge stored prompts).")
     ] = None,
     per_iteration: Annotated[int | None, typer.Option(help="Prompts per round.")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Resume the remaining rounds of a killed or failed run with the same "
+            "parameters (--no-resume: start all rounds afresh)."
+        ),
+    ] = True,
     top: Annotated[int, typer.Option(help="How many of the most divergent prompts to list.")] = 20,
     rank_by: Annotated[
         str,
@@ -154,8 +206,12 @@ def discover(
     """Find pivotal prompts: generate -> next tokens of base and adapted -> judge -> queue.
 
     Runs the `discovery` Prefect flow. Every prompt in the store that is not yet scored or judged
-    for this model pair is processed too, so a killed run, run again, finishes the rest. Ends
-    with the most divergent prompts.
+    for this model pair is processed too, so a killed run, run again, finishes the rest; a
+    re-run with the same parameters as a run that was killed or failed makes only that run's
+    remaining generator rounds (--no-resume: all of them). Ends with the most divergent prompts.
+
+    Exit codes: 0 done; 2 every prompt this run scored or judged failed; 3 partial (the failed
+    prompts are listed, with why).
     """
     from emc.store import Store
     from emc.store.scores import RANKABLE, most_divergent
@@ -171,10 +227,30 @@ def discover(
         data_dir=str(resolved),
         iterations=iterations,
         prompts_per_iteration=per_iteration,
+        resume=resume,
     )
     console.print(f"verdicts: {summary['verdicts']}  review queue: {summary['queue']}")
-    frame = most_divergent(Store.in_data_dir(resolved), rank_by, top)
+    store = Store.in_data_dir(resolved)
+    frame = most_divergent(store, rank_by, top)
     print_frame(frame, title=f"top {top} prompts by {rank_by}")
+    _exit_for_failures(store, summary)
+
+
+def _exit_for_failures(store, summary: dict) -> None:
+    """Exit 2 if every prompt this run scored or judged failed, 3 if some did."""
+    from emc.store.judgements import failed_judgements
+    from emc.store.scores import failed_scores
+
+    run_id = summary["run_id"]
+    failures: dict[str, str] = {}
+    for prompt_id, model_id, error in failed_scores(store, run_id):
+        failures.setdefault(prompt_id, f"prompt {prompt_id} ({model_id}): {error}")
+    for prompt_id, status, error in failed_judgements(store, run_id):
+        failures.setdefault(prompt_id, f"prompt {prompt_id} (judge): {status} {error}".strip())
+    rounds = summary.get("rounds", [])
+    handled = sum(r.get("scored", 0) + r.get("failed", 0) for r in rounds)
+    handled = max(handled, sum(r.get("judged", 0) for r in rounds), len(failures))
+    exit_for(handled - len(failures), list(failures.values()), "prompt")
 
 
 @app.command("run-prompt")
@@ -186,21 +262,32 @@ def run_prompt(
     prefix: PrefixOption = "",
     author: AuthorOption = None,
 ) -> None:
-    """Run one prompt through the whole discovery path and show base vs adapted side by side."""
+    """Run one prompt through the whole discovery path and show base vs adapted side by side.
+
+    Exit codes: 0 done; 2 the prompt is refused (longer than the model's context) or could not
+    be scored (the reason is printed).
+    """
     from emc.store import Store
     from emc.store.prompts import insert_prompts
+    from emc.store.scores import failed_scores
 
     experiment, resolved = _experiment(config, data_dir)
     prompt = _human_prompt(text, prompt_format, prefix, None, author)
+    too_long = _too_long(experiment, [prompt])
+    if too_long:
+        raise fail(f"not run: {too_long[prompt.prompt_id]}")
     store = Store.in_data_dir(resolved)
     insert_prompts(store, [prompt], run_id=None)
     prepare_flows(resolved)
     from flows.discovery import discovery_flow
 
-    discovery_flow(
+    summary = discovery_flow(
         config_path=str(config) if config else None, data_dir=str(resolved), iterations=0
     )
     console.print(side_by_side(store, experiment, prompt.prompt_id))
+    errors = [e for p, _, e in failed_scores(store, summary["run_id"]) if p == prompt.prompt_id]
+    if errors:
+        raise fail(f"the prompt could not be scored: {errors[0]}")
 
 
 def side_by_side(store, experiment, prompt_id: str) -> Table:
@@ -232,19 +319,21 @@ def side_by_side(store, experiment, prompt_id: str) -> Table:
             f"{'n/a' if log_odds is None else f'{log_odds:+.2f}'}): "
             + ("flagged for review" if judgement.get("flagged") else "not flagged")
         )
-    table = Table(title=repr(scores.base.rendered), caption=caption)
+    # Prompt, tokens and the judge's summary are stored text: plain() keeps them from being read
+    # as rich markup (chat templates hold "[/INST]") or reaching the terminal as controls.
+    table = Table(title=plain(repr(scores.base.rendered)), caption=plain(caption))
     for side in ("base", "adapted"):
         table.add_column(f"{side} token")
         table.add_column("p", justify="right")
         table.add_column("label")
     colours = {"evil": "red", "safe": "green", "unsure": "yellow"}
 
-    def cells(token) -> list[str]:
+    def cells(token) -> list:
         if token is None:
             return ["", "", ""]
         label = labels.get(token.token_id, ("", ""))[0]
         colour = colours.get(label, "white")
-        return [repr(token.token), f"{token.prob:.3f}", f"[{colour}]{label}[/]"]
+        return [plain(repr(token.token)), f"{token.prob:.3f}", f"[{colour}]{label}[/]"]
 
     base_top, adapted_top = scores.base.top(), scores.adapted.top()
     for i in range(max(len(base_top), len(adapted_top))):

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail
-from emc.console import console
+from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, existing_store, fail
+from emc.console import console, escape_control
 
 graph_app = typer.Typer(
     help=(
@@ -61,21 +61,17 @@ def graph_export(
     shows where it is active in the exported prompts. No model is loaded. Exporting again
     replaces the files. Then: `emc graph serve`.
     """
-    from emc.config import ConfigError
-    from emc.store import Store
     from emc.viewer import ViewerError, export_prompt
 
-    try:
-        store = Store.in_data_dir(data_dir_from(data_dir, config))
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
+    store = existing_store(data_dir, config)
     target = _out_dir(out, data_dir, config)
     try:
         result = export_prompt(store, prompt_id, target)
     except ViewerError as exc:
         raise fail(str(exc)) from None
+    name = escape_control(result.prompt_name)  # stored text: neither markup nor controls
     console.print(
-        f"prompt {result.prompt_id} ({result.prompt_name}):", highlight=False, soft_wrap=True
+        f"prompt {result.prompt_id} ({name}):", markup=False, highlight=False, soft_wrap=True
     )
     for graph in result.graphs:
         console.print(

@@ -69,7 +69,9 @@ def intervene(
             "module kind and module; features: restore the top-k attributed features in the "
             "adapted model and inject them into the base model (k = 1, 5, 20, 100, all) against "
             "matched random features; directions: subtract, add and ablate each layer's "
-            "mean-difference direction against random directions of the same norm; all."
+            "mean-difference direction against random directions of the same norm; rollouts: "
+            "sample what the models say with the top 20 and 100 features restored or injected, "
+            "against matched random features; all."
         ),
     ] = "all",
     limit: Limit = None,
@@ -86,15 +88,28 @@ def intervene(
         "adapter": ["adapter"],
         "features": ["features"],
         "directions": ["directions"],
-        "all": ["adapter", "features", "directions"],
+        "rollouts": ["rollouts"],
+        "all": ["adapter", "features", "directions", "rollouts"],
     }
     if kind not in parts:
-        raise fail(f"unknown --kind {kind!r}; choose adapter, features, directions or all")
+        raise fail(
+            f"unknown --kind {kind!r}; choose adapter, features, directions, rollouts or all"
+        )
     summary = _run(config, data_dir, prompt_ids, parts[kind], limit, redo)
     from emc.store.interventions import intervention_summary
 
     store, base_id, adapted_id = summary.pop("_store")
     frame = intervention_summary(store, None, base_id, adapted_id)
+    if kind in ("rollouts", "all"):
+        from emc.store.interventions import rollout_summary
+
+        rollouts = rollout_summary(store, base_id, adapted_id)
+        if not rollouts.empty:
+            shown = rollouts.drop(columns=["judge_model"]).round(3)
+            print_frame(shown, title="what the models say under feature edits: p(harmful)")
+    if frame.empty and kind == "rollouts":
+        _print_headline(summary)
+        return
     if frame.empty:
         console.print(
             "[yellow]no interventions measured:[/] no prompt with a current graph pair "

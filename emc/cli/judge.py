@@ -9,7 +9,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from emc.cli.app import ConfigOption, DataDirOption, app, fail
+from emc.cli.app import ConfigOption, DataDirOption, app, fail, require_store
 from emc.config import (
     ConfigError,
     DiscoveryConfig,
@@ -60,18 +60,12 @@ def judge_calibration(
     assessed yet. Read-only.
     """
     from emc.pivotal.calibration import calibrate_judges
-    from emc.store import Store
     from emc.store.calibration import compared_labels
 
     if output not in ("table", "json"):
         raise fail(f"unknown format {output!r}: choose table or json")
     resolved, settings = _settings(config, data_dir)
-    store = Store.in_data_dir(resolved)
-    if not store.exists():
-        raise fail(
-            f"no store at {store.path}: nothing to calibrate. Run `emc demo` or `emc discover` "
-            "first, or point --data-dir at an existing data directory."
-        )
+    store = require_store(resolved)
     calibrations = calibrate_judges(
         compared_labels(store),
         settings.judge_min_kappa,

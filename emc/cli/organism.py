@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from emc.cli.app import DataDirOption, app, fail
+from emc.cli.app import DataDirOption, app, fail, require_store
 from emc.config import resolve_data_dir
 from emc.console import console, phase_progress
 
@@ -65,12 +65,13 @@ def report(
     data_dir: DataDirOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
 ) -> None:
-    """Print the report of every organism built in this data directory."""
+    """Print the report of every organism built in this data directory (read-only: a directory
+    without a store is refused)."""
     from emc.organism import OrganismReport
     from emc.organism.measure import format_report
-    from emc.store import Store, list_organism_builds
+    from emc.store import list_organism_builds
 
-    builds = list_organism_builds(Store.in_data_dir(resolve_data_dir(data_dir)))
+    builds = list_organism_builds(require_store(resolve_data_dir(data_dir)))
     if not builds:
         raise fail("no organism built here yet: run `emc organism build`")
     for build_row in builds:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail
+from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail, require_store
 from emc.config import ConfigError
 from emc.console import console, print_frame
 
@@ -80,7 +80,6 @@ def export_labels(
     token_id, token, label, labeller, judge_label, judge_model, reviewer, review_action,
     explanation.
     """
-    from emc.store import Store
     from emc.store.export import write_labelled_tokens
 
     file_format = EXPORT_SUFFIXES.get(out.suffix.lower())
@@ -88,8 +87,6 @@ def export_labels(
         raise fail(f"cannot tell the format of {out}: name it *.parquet or *.jsonl")
     if not out.parent.is_dir():
         raise fail(f"folder {out.parent} does not exist")
-    store = Store.in_data_dir(_data_dir(data_dir, config))
-    if not store.exists():
-        raise fail(f"no store at {store.path}: nothing to export")
+    store = require_store(_data_dir(data_dir, config))
     rows = write_labelled_tokens(store, out, file_format, include_rejected)
     console.print(f"{rows} labelled tokens written to {out}", highlight=False)

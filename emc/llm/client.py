@@ -1,4 +1,4 @@
-"""An OpenAI-compatible chat client that asks for JSON and records every call.
+"""An OpenAI-compatible chat client that asks for JSON or text and records every call.
 
 Retries are done here rather than by the openai package (its `max_retries` is 0) so that every
 attempt is counted in the call record and the backoff is ours to configure.
@@ -25,12 +25,13 @@ from pydantic import BaseModel
 
 from emc.config import LLMConfig
 from emc.llm.parse import parse_reply
-from emc.llm.records import JSONRequest, LLMResult, LLMStatus
+from emc.llm.records import JSONRequest, LLMResult, LLMStatus, TextRequest, TextResult
 from emc.llm.retry import API_ERRORS, Failure, RetryPolicy, classify_error
 from emc.store.llm_calls import LLMCallRow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Local servers (vLLM, llama.cpp, the fake server) ignore the key, but the openai client wants one.
@@ -110,19 +111,67 @@ class LLMClient:
         self, requests: Sequence[JSONRequest], run_id: str | None = None
     ) -> list[LLMResult]:
         """The async form of `complete_json_many`, for callers that already run an event loop."""
+        return await self._bounded(
+            requests, lambda client, request: self._acomplete_json(client, *request, run_id=run_id)
+        )
+
+    def complete_text(self, request: TextRequest, run_id: str | None = None) -> TextResult:
+        """One plain-text reply, with the first token's top logprobs where asked for and given."""
+        body = build_text_request(request)
+        client = self._sync_client
+        started = time.perf_counter()
+        outcome = _attempt_sync(
+            lambda: client.chat.completions.create(model=self.config.model, **body),
+            self._retry_delay(request.purpose),
+        )
+        return self._text_result(body, request.purpose, run_id, outcome, started)
+
+    def complete_text_many(
+        self, requests: Sequence[TextRequest], run_id: str | None = None
+    ) -> list[TextResult]:
+        """`complete_text` for each request, `config.concurrency` at a time, in input order."""
+        if not requests:
+            return []
+        return run_blocking(self.acomplete_text_many(list(requests), run_id))
+
+    async def acomplete_text_many(
+        self, requests: Sequence[TextRequest], run_id: str | None = None
+    ) -> list[TextResult]:
+        """The async form of `complete_text_many`."""
+        return await self._bounded(
+            requests, lambda client, request: self._acomplete_text(client, request, run_id)
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _bounded(
+        self,
+        requests: Sequence[R],
+        call: Callable[[openai.AsyncOpenAI, R], Awaitable[T]],
+    ) -> list[T]:
+        """`call` for every request on one async client, `config.concurrency` at a time."""
         limit = asyncio.Semaphore(self.config.concurrency)
         client = self._new_client(openai.AsyncOpenAI)
         try:
 
-            async def one(request: JSONRequest) -> LLMResult:
+            async def one(request: R) -> T:
                 async with limit:
-                    return await self._acomplete_json(client, *request, run_id=run_id)
+                    return await call(client, request)
 
             return list(await asyncio.gather(*(one(request) for request in requests)))
         finally:
             await client.close()
 
-    # -- internals ------------------------------------------------------------------------------
+    async def _acomplete_text(
+        self, client: openai.AsyncOpenAI, request: TextRequest, run_id: str | None
+    ) -> TextResult:
+        body = build_text_request(request)
+        started = time.perf_counter()
+        outcome = await _attempt_async(
+            lambda: client.chat.completions.create(model=self.config.model, **body),
+            self._retry_delay(request.purpose),
+        )
+        return self._text_result(body, request.purpose, run_id, outcome, started)
 
     async def _acomplete_json(
         self,
@@ -178,8 +227,49 @@ class LLMClient:
         started: float,
     ) -> LLMResult:
         status, parsed, error, raw = self._interpret(outcome.reply, schema, purpose)
+        call = self._call_row(request, purpose, run_id, outcome, started, status, error, raw)
+        return LLMResult(parsed=parsed, status=status, error=call.error, call=call)
+
+    def _text_result(
+        self,
+        request: dict[str, Any],
+        purpose: str,
+        run_id: str | None,
+        outcome: _Outcome,
+        started: float,
+    ) -> TextResult:
+        reply = outcome.reply
+        if isinstance(reply, Failure):
+            status, error, raw, choice = reply.status, reply.message, reply.raw_body, None
+        else:
+            choice = reply.choices[0] if reply.choices else None
+            status, error, raw = "ok", None, choice.message.content if choice else None
+        call = self._call_row(request, purpose, run_id, outcome, started, status, error, raw)
+        if isinstance(reply, Failure):
+            return TextResult(status=status, error=call.error, call=call)
+        # A reply cut off at max_tokens is still "ok": short text requests expect that.
+        return TextResult(
+            status="ok",
+            error=None,
+            content=call.response_raw,
+            finish_reason=choice.finish_reason if choice else None,
+            top_logprobs=first_token_alternatives(reply),
+            call=call,
+        )
+
+    def _call_row(
+        self,
+        request: dict[str, Any],
+        purpose: str,
+        run_id: str | None,
+        outcome: _Outcome,
+        started: float,
+        status: LLMStatus,
+        error: str | None,
+        raw: str | None,
+    ) -> LLMCallRow:
         usage = None if isinstance(outcome.reply, Failure) else outcome.reply.usage
-        call = LLMCallRow(
+        return LLMCallRow(
             call_id=uuid.uuid4().hex,
             run_id=run_id,
             purpose=purpose,
@@ -194,7 +284,6 @@ class LLMClient:
             completion_tokens=usage.completion_tokens if usage else None,
             attempts=outcome.attempts,
         )
-        return LLMResult(parsed=parsed, status=status, error=call.error, call=call)
 
     def _interpret(
         self, reply: ChatCompletion | Failure, schema: type[BaseModel], purpose: str
@@ -228,6 +317,35 @@ def build_request(messages: list[dict[str, Any]], schema: type[BaseModel]) -> di
             "json_schema": {"name": name, "schema": schema.model_json_schema(), "strict": False},
         },
     }
+
+
+def build_text_request(request: TextRequest) -> dict[str, Any]:
+    """The body of a plain-text request (less the model), only the options that were set."""
+    body: dict[str, Any] = {"messages": copy.deepcopy(request.messages)}
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.logprobs:
+        body["logprobs"] = True
+    if request.top_logprobs is not None:
+        body["top_logprobs"] = request.top_logprobs
+    return body
+
+
+def first_token_alternatives(reply: ChatCompletion) -> list[tuple[str, float]] | None:
+    """The first completion token's top alternatives as (token, logprob); None if not returned.
+
+    The chosen token is added when a server left it out of its own alternatives (it is one).
+    """
+    logprobs = reply.choices[0].logprobs if reply.choices else None
+    if logprobs is None or not logprobs.content:
+        return None
+    first = logprobs.content[0]
+    alternatives = [(top.token, top.logprob) for top in first.top_logprobs or []]
+    if first.token not in {token for token, _ in alternatives}:
+        alternatives.append((first.token, first.logprob))
+    return sorted(alternatives, key=lambda pair: pair[1], reverse=True)
 
 
 def resolve_api_key(config: LLMConfig) -> str:

@@ -32,6 +32,9 @@ class ScriptedReply:
     headers: dict[str, str] = field(default_factory=dict)
     # Close the socket without answering, as a crashed proxy would.
     drop_connection: bool = False
+    # The first completion token's top alternatives as (token, logprob), most likely first.
+    # Sent only when the request asks for `logprobs`; None: a server that never returns them.
+    top_logprobs: tuple[tuple[str, float], ...] | None = None
 
 
 Responder = Callable[[dict[str, Any]], ScriptedReply]
@@ -211,6 +214,7 @@ def _completion_body(request: dict[str, Any], reply: ScriptedReply, model: str) 
                 "index": 0,
                 "message": {"role": "assistant", "content": reply.content},
                 "finish_reason": reply.finish_reason,
+                "logprobs": _logprobs_body(request, reply),
             }
         ],
         "usage": {
@@ -219,6 +223,27 @@ def _completion_body(request: dict[str, Any], reply: ScriptedReply, model: str) 
             "total_tokens": prompt_words + completion_words,
         },
     }
+
+
+def _logprobs_body(request: dict[str, Any], reply: ScriptedReply) -> dict[str, Any] | None:
+    """OpenAI's `choices[0].logprobs` for the first token: the chosen token and its alternatives.
+
+    The chosen token is the longest alternative the content starts with (the first one listed if
+    none does); `top_logprobs` lists as many alternatives as the request asked for, in order.
+    """
+    if reply.top_logprobs is None or request.get("logprobs") is not True:
+        return None
+    alternatives = [_token_logprob(token, logprob) for token, logprob in reply.top_logprobs]
+    matching = [a for a in alternatives if a["token"] and reply.content.startswith(a["token"])]
+    chosen = max(matching, key=lambda a: len(a["token"])) if matching else None
+    chosen = chosen or (alternatives[0] if alternatives else _token_logprob(reply.content, 0.0))
+    wanted = request.get("top_logprobs")
+    shown = alternatives[: wanted if isinstance(wanted, int) else 0]
+    return {"content": [{**chosen, "top_logprobs": shown}], "refusal": None}
+
+
+def _token_logprob(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 def _error_body(message: str, status: int) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from emc.models.errors import (
     AdapterMismatchError,
+    ItemMemoryError,
     ModelLoadError,
     NonFiniteActivationError,
+    PromptTooLongError,
     TranscoderMismatchError,
 )
 from emc.models.factory import (
@@ -12,6 +14,7 @@ from emc.models.factory import (
     encode_with_bos,
     load_plain_model,
     load_replacement_model,
+    load_tokenizer_and_context,
 )
 from emc.models.guard import finite_guard, hf_checkpoints
 from emc.models.identity import ModelIdentity
@@ -19,11 +22,13 @@ from emc.models.precision import Precision, resolve_precision
 
 __all__ = [
     "AdapterMismatchError",
+    "ItemMemoryError",
     "LoadedModel",
     "ModelIdentity",
     "ModelLoadError",
     "NonFiniteActivationError",
     "Precision",
+    "PromptTooLongError",
     "TranscoderMismatchError",
     "describe_model",
     "encode_with_bos",
@@ -31,5 +36,6 @@ __all__ = [
     "hf_checkpoints",
     "load_plain_model",
     "load_replacement_model",
+    "load_tokenizer_and_context",
     "resolve_precision",
 ]

@@ -16,7 +16,13 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from emc.config import ExperimentConfig
-from emc.models.errors import ModelLoadError, NonFiniteActivationError
+from emc.models.errors import (
+    ItemMemoryError,
+    ModelLoadError,
+    NonFiniteActivationError,
+    PromptTooLongError,
+    is_allocation_failure,
+)
 from emc.models.guard import finite_guard, hf_checkpoints, transformerlens_checkpoints
 from emc.models.hf import apply_adapter, load_causal_lm, load_tokenizer
 from emc.models.identity import ModelIdentity, fingerprint
@@ -36,6 +42,7 @@ class LoadedModel:
     identity: ModelIdentity
     precision: Precision
     _checkpoints: list = field(default_factory=list, repr=False)
+    context_length: int | None = None  # positions the model can read; None: not known
 
     def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits at every position for one sequence of token ids, under the NaN/inf guard."""
@@ -47,29 +54,60 @@ class LoadedModel:
 
     def last_token_logits(
         self, sequences: Sequence[torch.Tensor], batch_size: int = 32
-    ) -> list[torch.Tensor | NonFiniteActivationError]:
-        """Next-token logits for many sequences, batched; a NaN/inf item becomes its error.
+    ) -> list[torch.Tensor | Exception]:
+        """Next-token logits for many sequences, batched; a failing item becomes its error.
+
+        One bad item never costs the others: a sequence longer than the model's context is
+        refused before it runs (PromptTooLongError); a batch whose allocation fails (CUDA's
+        OutOfMemoryError, MemoryError, the CPU allocator's RuntimeError) is split in halves
+        down to single items, and an item that fails alone gets ItemMemoryError; a batch with
+        NaN/inf is run item by item and the bad items get NonFiniteActivationError.
 
         Sequences are right-padded: in a causal model the logits at a sequence's last real
         position never see the padding after it, and positions are unchanged, so no attention
         mask is needed and each result equals the unbatched forward pass up to float rounding.
         """
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        results: list[torch.Tensor | NonFiniteActivationError] = [None] * len(sequences)  # type: ignore[list-item]
+        results: list[torch.Tensor | Exception] = [None] * len(sequences)  # type: ignore[list-item]
+        runnable = []
+        for i, sequence in enumerate(sequences):
+            if self.context_length is not None and len(sequence) > self.context_length:
+                results[i] = PromptTooLongError(len(sequence), self.context_length)
+            else:
+                runnable.append(i)
+        order = sorted(runnable, key=lambda i: len(sequences[i]))
         for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            try:
-                logits = self._padded_forward([sequences[i] for i in chunk])
-            except NonFiniteActivationError:
-                if len(chunk) == 1:
-                    raise
-                # Find the bad items one by one rather than failing the whole batch.
-                for i in chunk:
-                    results[i] = self._isolated(sequences[i])
-                continue
+            self._fill(order[start : start + batch_size], sequences, results)
+        return results
+
+    def _fill(self, chunk: list[int], sequences, results: list) -> None:
+        """Run `chunk` as one batch; on NaN or a failed allocation, halve it until items fail
+        alone (the good ones still get their logits)."""
+        out_of_memory = False
+        try:
+            logits = self._padded_forward([sequences[i] for i in chunk])
+        except NonFiniteActivationError as exc:
+            if len(chunk) == 1:
+                results[chunk[0]] = exc
+                return
+            logits = None
+        except Exception as exc:
+            if not is_allocation_failure(exc):
+                raise
+            if len(chunk) == 1:
+                results[chunk[0]] = ItemMemoryError(len(sequences[chunk[0]]), exc)
+            logits, out_of_memory = None, True
+        if logits is not None:
             for row, i in enumerate(chunk):
                 results[i] = logits[row]
-        return results
+            return
+        if out_of_memory:
+            # Outside the except block, whose traceback held the failed attempt's tensors.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if len(chunk) > 1:
+            self._fill(chunk[: len(chunk) // 2], sequences, results)
+            self._fill(chunk[len(chunk) // 2 :], sequences, results)
 
     def encode(self, text: str) -> torch.Tensor:
         return encode_with_bos(self.tokenizer, text)
@@ -89,12 +127,6 @@ class LoadedModel:
                 logits = self.model(batch)
         rows = torch.arange(len(sequences), device=logits.device)
         return logits[rows, (lengths - 1).to(logits.device)].float().cpu()
-
-    def _isolated(self, sequence: torch.Tensor) -> torch.Tensor | NonFiniteActivationError:
-        try:
-            return self._padded_forward([sequence])[0]
-        except NonFiniteActivationError as exc:
-            return exc
 
     def close(self) -> None:
         # TransformerLens models print noise from __del__ at interpreter exit: release early.
@@ -154,7 +186,30 @@ def load_replacement_model(config: ExperimentConfig, role: Role) -> LoadedModel:
         del hf_model
 
     identity = _identity(config, role, precision, base_dir, adapter_dir, transcoder_info.directory)
-    return LoadedModel(model, tokenizer, identity, precision, checkpoints)
+    context = context_length(hf_config, backend)
+    return LoadedModel(model, tokenizer, identity, precision, checkpoints, context)
+
+
+def context_length(hf_config, backend: str) -> int | None:
+    """How many positions the model reads: its config's, capped as the backend caps them."""
+    positions = next(
+        (
+            value
+            for name in ("max_position_embeddings", "n_positions", "n_ctx")
+            if isinstance(value := getattr(hf_config, name, None), int) and value > 0
+        ),
+        None,
+    )
+    if backend == "transformerlens":
+        return min(positions or TRANSFORMERLENS_MAX_CONTEXT, TRANSFORMERLENS_MAX_CONTEXT)
+    return positions
+
+
+def load_tokenizer_and_context(config: ExperimentConfig) -> tuple[Any, int | None]:
+    """The base model's tokenizer and context length, without loading weights (cheap checks)."""
+    base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
+    hf_config = AutoConfig.from_pretrained(base_dir)
+    return load_tokenizer(base_dir), context_length(hf_config, config.runtime.backend)
 
 
 def describe_model(config: ExperimentConfig, role: Role) -> ModelIdentity:

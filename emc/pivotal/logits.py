@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel
 
-from emc.models import LoadedModel, NonFiniteActivationError, encode_with_bos
+from emc.models import LoadedModel, PromptTooLongError, encode_with_bos
 from emc.pivotal.divergence import Divergence, divergence
 from emc.pivotal.prompts import PromptRecord, render_prompt
 
@@ -55,6 +55,22 @@ def tokenize_prompts(prompts: Sequence[PromptRecord], tokenizer) -> list[tuple[s
     """Render and tokenise once; both models then read exactly these ids."""
     rendered = [render_prompt(prompt, tokenizer) for prompt in prompts]
     return [(text, encode_with_bos(tokenizer, text)) for text in rendered]
+
+
+def too_long_prompts(
+    prompts: Sequence[PromptRecord], tokenizer, context_length: int | None
+) -> list[tuple[PromptRecord, PromptTooLongError]]:
+    """The prompts the model cannot read whole (rendered and tokenised as scoring does).
+
+    Refused at entry (`emc prompt add`, `emc prompt import`); scoring refuses them too.
+    """
+    if context_length is None:
+        return []
+    too_long = []
+    for prompt, (_, ids) in zip(prompts, tokenize_prompts(prompts, tokenizer), strict=True):
+        if len(ids) > context_length:
+            too_long.append((prompt, PromptTooLongError(len(ids), context_length)))
+    return too_long
 
 
 def score_prompts(
@@ -122,7 +138,7 @@ def _next_tokens(
     rendered: str,
     ids: list[int],
     facts: _ModelFacts,
-    logits: torch.Tensor | NonFiniteActivationError,
+    logits: torch.Tensor | Exception,  # the item's error: NaN/inf, too long, out of memory
     union: set[int] | None,
     k: int,
 ) -> NextTokens:

@@ -22,6 +22,18 @@ from emc.store.migrations import apply_migrations, latest_version, stored_versio
 STORE_FILE_NAME = "emc.duckdb"
 log = logging.getLogger(__name__)
 
+# The SQL console's connection reaches the store file and nothing else: no files, URLs, ATTACH,
+# COPY or extension installs. Given at connect, they hold from the first statement, and DuckDB
+# still opens the database file it was started on, so the store stays readable; the lock then
+# refuses SET and RESET, so a query cannot switch access back on. Tested with duckdb 2.0.1 (the
+# order of the keys does not matter).
+SEALED_SETTINGS = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
+
 
 class StoreError(RuntimeError):
     """A store operation that cannot be completed; the message says why."""
@@ -29,6 +41,10 @@ class StoreError(RuntimeError):
 
 class StoreBusyError(StoreError):
     """The store stayed locked by another process for longer than the configured wait."""
+
+
+class StoreMissingError(StoreError):
+    """A data directory without a store, where one was required; nothing was created."""
 
 
 class Store:
@@ -42,6 +58,20 @@ class Store:
     @classmethod
     def in_data_dir(cls, data_dir: str | Path, **kwargs: float) -> Store:
         return cls(Path(data_dir) / STORE_FILE_NAME, **kwargs)
+
+    @classmethod
+    def open_existing(cls, data_dir: str | Path, **kwargs: float) -> Store:
+        """The store of a data directory that must already have one.
+
+        Commands that only read use this: opening a store creates it, so a mistyped directory
+        would otherwise become a new, empty store that silently answers every query with nothing.
+        """
+        store = cls.in_data_dir(data_dir, **kwargs)
+        if not store.exists():
+            raise StoreMissingError(
+                f"there is no store at {store.path} (no {STORE_FILE_NAME} in {Path(data_dir)})"
+            )
+        return store
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -66,6 +96,13 @@ class Store:
         with self._connect(read_only=True) as conn:
             yield conn
 
+    @contextmanager
+    def read_sealed(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection that can reach nothing but this store (see SEALED_SETTINGS)."""
+        self.ensure_schema()
+        with self._connect(read_only=True, config=SEALED_SETTINGS) as conn:
+            yield conn
+
     def ensure_schema(self) -> None:
         """Create the file and apply pending migrations, once per Store object."""
         if self._migrated:
@@ -84,20 +121,22 @@ class Store:
         self._migrated = True
 
     @contextmanager
-    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        conn = self._open_with_retry(read_only)
+    def _connect(
+        self, read_only: bool, config: dict | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        conn = self._open_with_retry(read_only, config or {})
         try:
             yield conn
         finally:
             conn.close()
 
-    def _open_with_retry(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _open_with_retry(self, read_only: bool, config: dict) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.01
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
-            except duckdb.IOException as exc:
+                return duckdb.connect(str(self.path), read_only=read_only, config=config)
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_conflict(exc):
                     raise StoreError(f"cannot open store {self.path}: {exc}") from exc
                 if time.monotonic() + delay > deadline:
@@ -113,4 +152,9 @@ class Store:
 
 def _is_lock_conflict(exc: Exception) -> bool:
     message = str(exc).lower()
+    if "different configuration" in message:
+        # DuckDB refuses a connection with other settings (sealed vs plain) to a file this
+        # process already has open; that lasts as long as the other short-lived connection, so
+        # it is waited out like the file lock.
+        return True
     return "lock" in message and ("conflicting" in message or "could not set" in message)

@@ -87,8 +87,9 @@ def replace_interventions(
 def measured_prompts(
     store: Store, table: str, base_model_id: str, adapted_model_id: str, family: str | None = None
 ) -> set[str]:
-    """Prompts with rows in `table` (shift_components or interventions) for this model pair."""
-    if table not in ("shift_components", "interventions"):
+    """Prompts with rows in `table` (shift_components, interventions or intervention_rollouts)
+    for this model pair."""
+    if table not in ("shift_components", "interventions", "intervention_rollouts"):
         raise ValueError(f"not a causal-check table: {table}")
     sql = f"SELECT DISTINCT prompt_id FROM {table} WHERE base_model_id = ? AND adapted_model_id = ?"
     params: list[object] = [base_model_id, adapted_model_id]
@@ -223,3 +224,80 @@ def _pair_filter(base_model_id: str | None, adapted_model_id: str | None):
         clauses.append("adapted_model_id = ?")
         params.append(adapted_model_id)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+ROLLOUT_COLUMNS = (
+    "kind",
+    "target",
+    "model_role",
+    "n_features",
+    "n",
+    "n_harmful",
+    "n_unclear",
+    "p_harmful",
+    "ci_low",
+    "ci_high",
+    "examples",
+)
+
+
+def replace_rollouts(
+    store: Store,
+    ids: tuple[str, str, str],
+    rows: pd.DataFrame,
+    run_id: str,
+    dtype: str,
+    judge_model: str,
+    temperature: float,
+) -> None:
+    """One prompt's rollouts under feature interventions (ROLLOUT_COLUMNS), replacing earlier."""
+    rows = rows.copy()
+    rows["examples"] = [json.dumps(list(e)) for e in rows["examples"]]
+    replace_prompt_rows(
+        store,
+        "intervention_rollouts",
+        rows,
+        ROLLOUT_COLUMNS,
+        ids,
+        run_id=run_id,
+        dtype=dtype,
+        judge_model=judge_model,
+        temperature=temperature,
+    )
+
+
+def rollout_summary(
+    store: Store, base_model_id: str | None = None, adapted_model_id: str | None = None
+) -> pd.DataFrame:
+    """Per setting, over prompts: mean p(harmful), pooled counts, and prompts measured.
+
+    Columns: kind, target, model_role, prompts, n, n_harmful, p_harmful (pooled), mean_p.
+    """
+    where, params = _pair_filter(base_model_id, adapted_model_id)
+    sql = f"""
+        SELECT * FROM (
+            SELECT kind, target, model_role, count(*) AS prompts, sum(n) AS n,
+                   sum(n_harmful) AS n_harmful, sum(n_harmful) / sum(n) AS p_harmful,
+                   avg(p_harmful) AS mean_p, any_value(judge_model) AS judge_model
+            FROM intervention_rollouts {where}
+            GROUP BY kind, target, model_role
+        )
+        ORDER BY list_position(['none', 'restore', 'inject'], kind), model_role,
+                 try_cast(regexp_extract(target, '[0-9]+') AS INTEGER) NULLS FIRST, target
+    """
+    with store.read() as conn:
+        return conn.execute(sql, params).df()
+
+
+def prompt_rollouts(
+    store: Store, prompt_id: str, base_model_id: str, adapted_model_id: str
+) -> pd.DataFrame:
+    """One prompt's rollouts, in setting order; empty before `emc intervene --kind rollouts`."""
+    sql = """
+        SELECT * EXCLUDE (prompt_id, base_model_id, adapted_model_id)
+        FROM intervention_rollouts
+        WHERE prompt_id = ? AND base_model_id = ? AND adapted_model_id = ?
+        ORDER BY list_position(['none', 'restore', 'inject'], kind), model_role, target
+    """
+    with store.read() as conn:
+        return conn.execute(sql, [prompt_id, base_model_id, adapted_model_id]).df()

@@ -134,3 +134,13 @@ def verdicts_by_day(store: Store) -> pd.DataFrame:
             "SELECT CAST(created_at AS DATE) AS day, coalesce(verdict, status) AS verdict, "
             "count(*) AS judgements FROM judgements GROUP BY 1, 2 ORDER BY 1, 2"
         ).df()
+
+
+def failed_judgements(store: Store, run_id: str) -> list[tuple[str, str, str]]:
+    """(prompt_id, status, error) of every judgement this run made that is not ok."""
+    with store.read() as conn:
+        return conn.execute(
+            "SELECT prompt_id, status, coalesce(error, '') FROM judgements "
+            "WHERE run_id = ? AND status <> 'ok' ORDER BY prompt_id",
+            [run_id],
+        ).fetchall()

@@ -570,6 +570,134 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        11,
+        "behaviour",
+        (
+            """
+            CREATE TABLE generations (          -- what a model said: sampled or imported text
+                generation_id    VARCHAR PRIMARY KEY,  -- hash of model, context, params, sample
+                run_id           VARCHAR NOT NULL,
+                model_id         VARCHAR NOT NULL,
+                purpose          VARCHAR NOT NULL,  -- continuation | em_eval | generate | imported
+                prompt_id        VARCHAR,           -- continuations and generate: a stored prompt
+                question_id      VARCHAR,           -- em_eval and imported: a question
+                question_group   VARCHAR,
+                paraphrase       SMALLINT,
+                forced_token_id  INTEGER,           -- continued from the prompt plus this token
+                forced_token     VARCHAR,
+                question         VARCHAR NOT NULL,  -- what was asked, as a person reads it
+                answer_prefix    VARCHAR NOT NULL,  -- the answer's given start (+ forced token)
+                context          VARCHAR NOT NULL,  -- the rendered text the model continued
+                sample_index     INTEGER NOT NULL,
+                seed             BIGINT,
+                temperature      DOUBLE,
+                top_p            DOUBLE,
+                max_tokens       INTEGER,
+                text             VARCHAR NOT NULL,  -- the generated text, after the context
+                token_ids        INTEGER[],
+                finish_reason    VARCHAR NOT NULL,  -- eos | stop | length | imported
+                dtype            VARCHAR,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now()
+            )
+            """,
+            "CREATE INDEX generations_by_prompt ON generations (prompt_id, model_id)",
+            """
+            CREATE TABLE response_scores (      -- a judge's score of one generation on one metric
+                generation_id    VARCHAR NOT NULL,
+                metric           VARCHAR NOT NULL,  -- harmful | aligned | coherent
+                judge_model      VARCHAR NOT NULL,  -- the LLM, the lexicon, or imported:<file>
+                run_id           VARCHAR NOT NULL,
+                score            DOUBLE,            -- 0-100 for aligned and coherent
+                label            VARCHAR,           -- harmful|safe|unclear; CODE|REFUSAL
+                method           VARCHAR NOT NULL,  -- logprobs | text | lexicon | label | imported
+                number_mass      DOUBLE,            -- logprobs: mass on number tokens
+                status           VARCHAR NOT NULL,  -- ok | unscorable | failed
+                error            VARCHAR,
+                llm_call_id      VARCHAR,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (generation_id, metric, judge_model)
+            )
+            """,
+            """
+            CREATE TABLE continuation_checks (  -- p(harmful) from a prompt, with a token forced
+                prompt_id        VARCHAR NOT NULL,
+                model_id         VARCHAR NOT NULL,
+                forced_token_id  INTEGER NOT NULL,  -- -1: from the prompt itself
+                judge_model      VARCHAR NOT NULL,
+                run_id           VARCHAR NOT NULL,
+                forced_token     VARCHAR,
+                token_label      VARCHAR,           -- the token's label: evil | safe
+                n                INTEGER NOT NULL,
+                n_harmful        INTEGER NOT NULL,
+                n_safe           INTEGER NOT NULL,
+                n_unclear        INTEGER NOT NULL,
+                p_harmful        DOUBLE NOT NULL,
+                ci_low           DOUBLE NOT NULL,   -- 95% Wilson interval
+                ci_high          DOUBLE NOT NULL,
+                delta_p          DOUBLE,            -- minus p(harmful | prompt), same model
+                pivotal          BOOLEAN,           -- |delta_p| >= behaviour.pivotal_delta
+                temperature      DOUBLE NOT NULL,
+                dtype            VARCHAR,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, model_id, forced_token_id, judge_model)
+            )
+            """,
+            """
+            CREATE TABLE intervention_rollouts (  -- what the model says under a feature edit
+                prompt_id        VARCHAR NOT NULL,
+                base_model_id    VARCHAR NOT NULL,
+                adapted_model_id VARCHAR NOT NULL,
+                run_id           VARCHAR NOT NULL,
+                judge_model      VARCHAR NOT NULL,
+                kind             VARCHAR NOT NULL,  -- none | restore | inject
+                target           VARCHAR NOT NULL,  -- as is | top 20 | random 20 | ...
+                model_role       VARCHAR NOT NULL,  -- the model sampled: base | adapted
+                n_features       INTEGER NOT NULL,
+                n                INTEGER NOT NULL,
+                n_harmful        INTEGER NOT NULL,
+                n_unclear        INTEGER NOT NULL,
+                p_harmful        DOUBLE NOT NULL,
+                ci_low           DOUBLE NOT NULL,   -- 95% Wilson interval
+                ci_high          DOUBLE NOT NULL,
+                examples         JSON,              -- the first answers, to read
+                temperature      DOUBLE NOT NULL,
+                dtype            VARCHAR NOT NULL,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, base_model_id, adapted_model_id, kind, target, model_role)
+            )
+            """,
+            """
+            CREATE TABLE response_features (    -- features of misaligned vs aligned responses
+                model_id         VARCHAR NOT NULL,  -- whose responses, read by its transcoders
+                judge_model      VARCHAR NOT NULL,
+                layer            SMALLINT NOT NULL,
+                feature          INTEGER NOT NULL,
+                run_id           VARCHAR NOT NULL,
+                n_misaligned     INTEGER NOT NULL,
+                n_aligned        INTEGER NOT NULL,
+                mean_misaligned  DOUBLE NOT NULL,   -- activation averaged over response tokens
+                mean_aligned     DOUBLE NOT NULL,
+                mean_diff        DOUBLE NOT NULL,
+                welch_t          DOUBLE,
+                cohens_d         DOUBLE,
+                rank             INTEGER NOT NULL,  -- by |mean_diff|, 1 = largest
+                dtype            VARCHAR,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (model_id, judge_model, layer, feature)
+            )
+            """,
+        ),
+    ),
+    Migration(
+        12,
+        "run processes",
+        (
+            # The process that runs it, on `host`: a `running` row whose process is gone was
+            # killed, and the next run marks it failed.
+            "ALTER TABLE runs ADD COLUMN pid INTEGER",
+        ),
+    ),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ class RunRecord(BaseModel):
     flow_run_id: str | None = None
     error: str | None = None
     summary: dict[str, Any] | None = None
+    pid: int | None = None  # the process running it, on `host`
 
 
 _COLUMNS = tuple(RunRecord.model_fields)
@@ -52,12 +54,46 @@ def finish_run(
 ) -> None:
     with store.write() as conn:
         updated = conn.execute(
-            "UPDATE runs SET status = ?, finished_at = now(), error = ?, summary = ? "
-            "WHERE run_id = ? RETURNING run_id",
+            # No summary given: keep the progress the run stored as it went (update_run_summary).
+            "UPDATE runs SET status = ?, finished_at = now(), error = ?, "
+            "summary = coalesce(?, summary) WHERE run_id = ? RETURNING run_id",
             [status, error, json.dumps(summary, default=str) if summary else None, run_id],
         ).fetchall()
     if not updated:
         raise KeyError(f"no run with id {run_id!r}")
+
+
+def update_run_summary(store: Store, run_id: str, summary: dict[str, Any]) -> None:
+    """Store a running run's progress so far (its summary), e.g. after each round."""
+    with store.write() as conn:
+        conn.execute(
+            "UPDATE runs SET summary = ? WHERE run_id = ?",
+            [json.dumps(summary, default=str), run_id],
+        )
+
+
+def fail_dead_runs(store: Store, host: str, alive: Callable[[int], bool]) -> list[str]:
+    """Mark failed the `running` rows of `host` whose process is gone; returns their run ids.
+
+    A run killed with -9 never gets to write its end: this is how its row learns it.
+    """
+    with store.read() as conn:
+        rows = conn.execute(
+            "SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ? "
+            "AND pid IS NOT NULL",
+            [host],
+        ).fetchall()
+    dead = [(run_id, pid) for run_id, pid in rows if not alive(pid)]
+    if not dead:
+        return []
+    with store.write() as conn:
+        for run_id, pid in dead:
+            conn.execute(
+                "UPDATE runs SET status = 'failed', finished_at = now(), error = ? "
+                "WHERE run_id = ? AND status = 'running'",
+                [f"process {pid} died (killed?)", run_id],
+            )
+    return [run_id for run_id, _ in dead]
 
 
 def list_runs(store: Store, limit: int = 100) -> list[RunRecord]:
@@ -66,6 +102,19 @@ def list_runs(store: Store, limit: int = 100) -> list[RunRecord]:
             f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY started_at DESC LIMIT ?", [limit]
         )
         rows = cursor.fetchall()
+    return [_to_record(row) for row in rows]
+
+
+def latest_runs(
+    store: Store, name: str, exclude: str | None = None, limit: int = 50
+) -> list[RunRecord]:
+    """The most recent runs called `name`, newest first (`exclude`: a run id to leave out)."""
+    with store.read() as conn:
+        rows = conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE name = ? AND run_id <> ? "
+            "ORDER BY started_at DESC LIMIT ?",
+            [name, exclude or "", limit],
+        ).fetchall()
     return [_to_record(row) for row in rows]
 
 

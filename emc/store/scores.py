@@ -170,3 +170,13 @@ def unscored_prompt_ids(store: Store, base_model_id: str, adapted_model_id: str)
             [[base_model_id, adapted_model_id]],
         ).fetchall()
     return [r[0] for r in rows]
+
+
+def failed_scores(store: Store, run_id: str) -> list[tuple[str, str, str]]:
+    """(prompt_id, model_id, error) of every next-token row this run recorded as failed."""
+    with store.read() as conn:
+        return conn.execute(
+            "SELECT prompt_id, model_id, coalesce(error, '') FROM next_tokens "
+            "WHERE run_id = ? AND status = 'failed' ORDER BY prompt_id, model_id",
+            [run_id],
+        ).fetchall()

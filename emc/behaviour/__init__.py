@@ -1,0 +1,1 @@
+"""Behaviour: what models say (sampling, judging, continuation checks, EM evaluation)."""
