@@ -139,7 +139,7 @@ def _print_summary(
         console.print(f"  emc diff {traced['prompt_ids'][0]} -d {data_dir}")
     console.print(f"  emc intervene -d {data_dir}   # which interventions remove the shift")
     console.print(f"  emc eval rates -d {data_dir}   # EM rate per model, with intervals")
-    console.print(f"  emc dashboard -d {data_dir}   # Review, Graphs, Features, Interventions")
+    console.print(f"  emc dashboard -d {data_dir}   # Review, Graphs, Features, Behaviour, ...")
     if traced["prompt_ids"]:
         console.print(f"  emc graph export {traced['prompt_ids'][0]} -d {data_dir} && "
                       f"emc graph serve -d {data_dir}")  # fmt: skip
