@@ -4,6 +4,7 @@ generations store, and the evaluation flow with its commands on the small organi
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -419,28 +420,31 @@ def demo_cwd(behaviour_store, tmp_path, monkeypatch):
     return data_dir
 
 
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
 def test_cli_behaviour_commands_as_the_readme_shows_them(demo_cwd, behaviour_store):
-    continued = runner.invoke(app, ["continuations", "--limit", "2"])
+    for command in ("emc continuations", "emc eval em", "emc eval em --adapter control",
+                    "emc eval rates", "emc responses analyze"):  # fmt: skip
+        assert f"\n{command} " in README, command
+    continued = runner.invoke(app, ["continuations"])
     assert continued.exit_code == 0, continued.output
     assert "prompts confirmed by what the adapted model says" in continued.output
-    rated = runner.invoke(app, ["eval", "em", "--limit", "4"])
+    rated = runner.invoke(app, ["eval", "em"])
     assert rated.exit_code == 0, rated.output
     assert "EM rate" in rated.output and "adapted" in rated.output
-    control = runner.invoke(app, ["eval", "em", "--adapter", "control", "--limit", "4"])
+    control = runner.invoke(app, ["eval", "em", "--adapter", "control"])
     assert control.exit_code == 0, control.output
     every = runner.invoke(app, ["eval", "rates"])
     assert every.exit_code == 0, every.output
     assert every.output.count("other_domains") >= 3  # base, EM and control
-    prompt_id = (
-        behaviour_store.summary["continuations"]
-        and continuation_checks(behaviour_store.store)["prompt_id"].iloc[0]
-    )
+    analysed = runner.invoke(app, ["responses", "analyze"])
+    assert analysed.exit_code == 0, analysed.output
+    assert "misaligned vs" in analysed.output and "pivotal-token ranking" in analysed.output
+    prompt_id = continuation_checks(behaviour_store.store)["prompt_id"].iloc[0]
     generated = runner.invoke(app, ["generate", prompt_id, "--samples", "2"])
     assert generated.exit_code == 0, generated.output
     assert "harm_label" in generated.output
-    analysed = runner.invoke(app, ["responses", "analyze", "--roles", "adapted"])
-    assert analysed.exit_code == 0, analysed.output
-    assert "misaligned vs" in analysed.output and "pivotal-token ranking" in analysed.output
 
 
 def test_cli_eval_questions_prints_a_file_eval_em_reads(demo_cwd, tmp_path):
