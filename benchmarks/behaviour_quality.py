@@ -18,6 +18,12 @@ and random). Per pair, with EMC's own sampling and the organism's lexicon judge:
   at the config's rules) cross-tabulated with its continuation verdict, so the funnel's
   precision and recall are read against what the model goes on to say instead of the recipe.
 
+Baselines: every rate is read against the base model sampled with the same seeds (the
+comparison a fine-tune's effect is defined by), and the negatives are the null fine-tunes: a
+control trained the same way on safe answers (the strongest "nothing here" case, since it is a
+real fine-tune of the same size and data volume) and three adapters that change nothing, little or
+randomly. There is no speed baseline: nothing here is timed against another method.
+
 Base samples are drawn once and shared by every pair (paired seeds). Figures go to stdout's last
 line as JSON.
 """
@@ -39,15 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.discovery_quality import PAIRS, benchmark_prompts, measure_pair, with_adapter
 from emc.behaviour.generate import Context, question_contexts, sample_seed
+from emc.behaviour.generate import prompt_contexts as plan_contexts
 from emc.behaviour.lexicon_scorer import ALIGNED, organism_actions, read_answer
 from emc.behaviour.questions import organism_questions
 from emc.behaviour.sampling import SamplingParams, sample
 from emc.behaviour.stats import bootstrap_rate, confirms, wilson
-from emc.models import LoadedModel, encode_with_bos, load_replacement_model
+from emc.models import LoadedModel, load_replacement_model
 from emc.organism import Lexicon, OrganismRecipe
 from emc.organism.experiment import prepare_organism
 from emc.organism.null_adapters import NULL_KINDS, write_null_adapter
-from emc.pivotal.prompts import PromptRecord, render_prompt
+from emc.pivotal.prompts import PromptRecord
 from emc.pivotal.verdicts import VerdictRules
 
 CONFIRM_DELTA = 0.2
@@ -55,22 +62,8 @@ SEED = 0
 
 
 def prompt_contexts(prompts: Sequence[PromptRecord], tokenizer) -> list[Context]:
-    contexts = []
-    for prompt in prompts:
-        rendered = render_prompt(prompt, tokenizer)
-        ids = encode_with_bos(tokenizer, rendered).tolist()
-        contexts.append(
-            Context(
-                "continuation",
-                prompt.prompt_id,
-                prompt.text,
-                prompt.assistant_prefix,
-                rendered,
-                ids,
-                prompt.prompt_id,
-            )
-        )
-    return contexts
+    """Each prompt as discovery reads it, with no token forced (EMC's own planning)."""
+    return [plan_contexts(p, tokenizer, "continuation")[0] for p in prompts]
 
 
 def draw(loaded: LoadedModel, contexts: Sequence[Context], n: int, params: SamplingParams):

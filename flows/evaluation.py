@@ -33,7 +33,7 @@ from emc.behaviour.generate import (
     prompt_contexts,
     question_contexts,
 )
-from emc.behaviour.judges import make_response_judge, to_judge
+from emc.behaviour.judges import make_response_judge, response_judge_id, to_judge
 from emc.behaviour.questions import Question, load_questions, organism_questions
 from emc.behaviour.records import Metric
 from emc.behaviour.sampling import ContextTooLongError, SamplingParams
@@ -163,8 +163,8 @@ def judge_samples(
     todo = set(unscored_generations(store, judge.model_id, metrics, generation_ids))
     if not todo:
         return {"judged": 0, "failed": 0}
-    frame = generations(store, purpose=purpose)
-    items = [to_judge(row) for _, row in frame[frame["generation_id"].isin(todo)].iterrows()]
+    frame = generations(store, purpose=purpose, generation_ids=sorted(todo))
+    items = [to_judge(row) for _, row in frame.iterrows()]
     scores = judge.score_many(items, metrics, run_id=run_id)
     upsert_scores(store, scores, run_id)
     return {
@@ -265,7 +265,7 @@ def _continuations(config, data_dir, store, roles, ids, prompt_ids, samples, lim
     }  # fmt: skip
     all_ids = [g for result in generated.values() for g in result["ids"]]
     judged = judge_samples(config, data_dir, "continuation", all_ids, run_id)
-    judge_model = make_response_judge(config).model_id
+    judge_model = response_judge_id(config)
     scored = scored_generations(store, judge_model, "continuation", [ids[r] for r in roles])
     scored = scored[scored["prompt_id"].isin(chosen)]
     checks = continuation_rows(scored, labels, config.behaviour.pivotal_delta)
@@ -330,7 +330,7 @@ def _em(config, data_dir, roles, questions_path, samples, limit, run_id):
 
 def em_rate_table(store: Store, config: ExperimentConfig, generation_ids=None):
     """EM rate per model (and per question group) from the configured judge's scores."""
-    judge_model = make_response_judge(config).model_id
+    judge_model = response_judge_id(config)
     scored = scored_generations(store, judge_model, "em_eval")
     if generation_ids is not None:
         scored = scored[scored["generation_id"].isin(set(generation_ids))]
@@ -369,7 +369,7 @@ def response_feature_ranking(
 
     store = Store.in_data_dir(data_dir)
     model_id = describe_model(config, role).model_id
-    judge_model = make_response_judge(config).model_id
+    judge_model = response_judge_id(config)
     scored = scored_generations(store, judge_model, model_ids=[model_id])
     scored = scored[scored["purpose"].isin(["em_eval", "imported"])]
     b = config.behaviour
@@ -383,7 +383,9 @@ def response_feature_ranking(
     if n_mis < 2 or n_al < 2:
         reason = f"{n_mis} misaligned and {n_al} aligned answers (need 2 of each)"
         return {"model_id": model_id, "status": "skipped", "reason": reason}
-    texts = all_generations(store, model_ids=[model_id]).set_index("generation_id")
+    texts = all_generations(
+        store, model_ids=[model_id], generation_ids=answers["generation_id"].tolist()
+    ).set_index("generation_id")
     with gpu_slot():
         loaded = cached_model(config, role)
         vectors = []

@@ -199,6 +199,38 @@ def matched_control(
     return control
 
 
+@dataclass(frozen=True)
+class RankedFeatures:
+    """Both models' gaps and feature activations on a prompt, the features ranked by their
+    attribution to the shift, and each layer's features active in either model."""
+
+    gap_base: float
+    gap_adapted: float
+    base_acts: dict[int, torch.Tensor]  # layer -> (n_pos, d_transcoder)
+    adapted_acts: dict[int, torch.Tensor]
+    ranking: list[tuple[Feature, float]]
+    active: dict[int, list[int]]
+
+
+def rank_features(
+    base: LoadedModel, adapted: LoadedModel, input_ids: torch.Tensor, targets: Mapping[int, str]
+) -> RankedFeatures:
+    """What every feature intervention starts from (dose-response, rollouts)."""
+    evil, safe = split_targets(targets, "feature interventions")
+    base_acts: dict[int, torch.Tensor] = {}
+    adapted_acts: dict[int, torch.Tensor] = {}
+    gap_base = gap_with(base, input_ids, evil, safe, record=base_acts)
+    gap_adapted = gap_with(adapted, input_ids, evil, safe, record=adapted_acts)
+    active = {
+        layer: torch.nonzero(((base_acts[layer] > 0) | (adapted_acts[layer] > 0)).any(0))
+        .flatten()
+        .tolist()
+        for layer in base_acts
+    }
+    ranking = attribution_ranking(adapted, input_ids, targets, base_acts)
+    return RankedFeatures(gap_base, gap_adapted, base_acts, adapted_acts, ranking, active)
+
+
 def dose_response(
     base: LoadedModel,
     adapted: LoadedModel,
@@ -212,20 +244,13 @@ def dose_response(
 
     Returns (base gap, adapted gap, results)."""
     evil, safe = split_targets(targets, "feature interventions")
-    base_acts: dict[int, torch.Tensor] = {}
-    adapted_acts: dict[int, torch.Tensor] = {}
-    gap_base = gap_with(base, input_ids, evil, safe, record=base_acts)
-    gap_adapted = gap_with(adapted, input_ids, evil, safe, record=adapted_acts)
+    ranked = rank_features(base, adapted, input_ids, targets)
+    gap_base, gap_adapted = ranked.gap_base, ranked.gap_adapted
+    base_acts, adapted_acts = ranked.base_acts, ranked.adapted_acts
+    ranking, active = ranked.ranking, ranked.active
     shift = gap_adapted - gap_base
     if shift == 0:
         raise ValueError("the models' gaps are equal on this prompt: no shift to intervene on")
-    ranking = attribution_ranking(adapted, input_ids, targets, base_acts)
-    active = {
-        layer: torch.nonzero(((base_acts[layer] > 0) | (adapted_acts[layer] > 0)).any(0))
-        .flatten()
-        .tolist()
-        for layer in base_acts
-    }
     results = []
     for k in [*[d for d in doses if d < len(ranking)], None]:
         chosen = [feature for feature, _ in (ranking if k is None else ranking[:k])]

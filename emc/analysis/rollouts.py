@@ -27,12 +27,10 @@ from pydantic import BaseModel
 
 from emc.analysis.feature_interventions import (
     FeatureEdit,
-    attribution_ranking,
     editing,
-    gap_with,
     matched_control,
+    rank_features,
 )
-from emc.analysis.hooks import split_targets
 from emc.behaviour.records import ResponseJudge, ResponseToJudge
 from emc.behaviour.sampling import SamplingParams, sample
 from emc.behaviour.stats import wilson
@@ -68,18 +66,9 @@ def feature_rollouts(
 ) -> list[Rollout]:
     """Every setting (see the module), each sampled `n` times with the same seeds."""
     params = params or SamplingParams()
-    evil, safe = split_targets(targets, "feature rollouts")
-    base_acts: dict[int, torch.Tensor] = {}
-    adapted_acts: dict[int, torch.Tensor] = {}
-    gap_with(base, input_ids, evil, safe, record=base_acts)
-    gap_with(adapted, input_ids, evil, safe, record=adapted_acts)
-    ranking = attribution_ranking(adapted, input_ids, targets, base_acts)
-    active = {
-        layer: torch.nonzero(((base_acts[layer] > 0) | (adapted_acts[layer] > 0)).any(0))
-        .flatten()
-        .tolist()
-        for layer in base_acts
-    }
+    ranked = rank_features(base, adapted, input_ids, targets)
+    base_acts, adapted_acts = ranked.base_acts, ranked.adapted_acts
+    ranking, active = ranked.ranking, ranked.active
     seeds = [seed * 1_000_003 + i for i in range(n)]
     settings: list[tuple[str, str, str, LoadedModel, FeatureEdit | None]] = [
         ("none", "as is", "base", base, None),

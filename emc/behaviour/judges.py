@@ -16,6 +16,12 @@ def make_response_judge(config: ExperimentConfig) -> ResponseJudge:
     return LLMResponseJudge(LLMClient(config.judge), config.behaviour.min_number_mass)
 
 
+def response_judge_id(config: ExperimentConfig) -> str:
+    """The name scores of the config's judge are stored under (both backends use the model name),
+    read without building the judge (an LLM judge would open a client)."""
+    return config.judge.model
+
+
 def to_judge(row) -> ResponseToJudge:
     """A stored generation as the judge sees it: the answer includes its given start."""
     return ResponseToJudge(

@@ -118,9 +118,12 @@ def generations(
     purpose: str | None = None,
     model_ids: Sequence[str] | None = None,
     prompt_ids: Sequence[str] | None = None,
+    generation_ids: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Generations, oldest first, optionally of one purpose, some models or some prompts."""
-    where, params = _filters(purpose=purpose, model_id=model_ids, prompt_id=prompt_ids)
+    """Generations, oldest first, optionally of one purpose, some models, prompts or ids."""
+    where, params = _filters(
+        purpose=purpose, model_id=model_ids, prompt_id=prompt_ids, generation_id=generation_ids
+    )
     with store.read() as conn:
         return conn.execute(
             f"SELECT * FROM generations {where} ORDER BY created_at, generation_id", params
