@@ -17,8 +17,11 @@ and safe words), with EMC's own functions (the `interventions` flow's parts):
 The goals come from the causal-validation issue: the decomposition explains at least 90% of the
 shift per prompt on average, and a narrow intervention (at most 20 features, one layer's
 direction, or one LoRA module; not the whole adapter) removes at least 80% of it while its
-matched control moves it by less than 10%. Next-token terms only: EMC does not generate text yet,
-so rollout-level harm rates are not measured here. Figures go to stdout's last line as JSON.
+matched control moves it by less than 10%. With `--rollouts N`, the first N prompts are also
+sampled (`--samples` continuations per setting, the organism's lexicon judge) under every
+intervention family as `emc intervene --kind rollouts` samples them: p(harmful), how much each
+intervention cuts or reproduces against its control, and coherence. Figures go to stdout's last
+line as JSON.
 """
 
 from __future__ import annotations
@@ -36,11 +39,16 @@ from emc.analysis.adapter_interventions import adapter_effects
 from emc.analysis.decomposition import decompose_shift
 from emc.analysis.directions import (
     direction_effects,
+    direction_target,
     last_position_residuals,
     leave_one_out_means,
 )
 from emc.analysis.feature_interventions import DOSES, dose_response
 from emc.analysis.lora_geometry import read_lora_updates
+from emc.analysis.rollout_report import rollout_lines
+from emc.analysis.rollouts import Rollout, every_setting, pooled, run_rollouts
+from emc.behaviour.lexicon_scorer import LexiconResponseJudge
+from emc.behaviour.sampling import SamplingParams
 from emc.models import load_replacement_model
 from emc.organism import Lexicon, OrganismRecipe
 from emc.organism.experiment import prepare_organism
@@ -80,10 +88,17 @@ class VariantResult(BaseModel):
     interventions: list[Row]
     best_narrow: Row | None
     goals: dict[str, bool]
+    rollouts: list[dict]  # per setting, pooled over the rollout prompts (rollout_summary's rows)
     seconds: float
 
 
-def measure(data_dir: Path, recipe: OrganismRecipe, doses: tuple[int, ...]) -> VariantResult:
+def measure(
+    data_dir: Path,
+    recipe: OrganismRecipe,
+    doses: tuple[int, ...],
+    rollout_prompts: int = 0,
+    samples: int = 20,
+) -> VariantResult:
     started = time.perf_counter()
     prepared = prepare_organism(data_dir, recipe)
     config = prepared.config
@@ -106,6 +121,7 @@ def measure(data_dir: Path, recipe: OrganismRecipe, doses: tuple[int, ...]) -> V
         )  # fmt: skip
         directions = leave_one_out_means(differences)
         decompositions, collected = [], defaultdict(list)
+        rolled: dict[tuple, list[Rollout]] = defaultdict(list)
         for index, (ids, targets) in enumerate(items):
             print(f"  prompt {index + 1}/{len(items)}", file=sys.stderr, flush=True)
             decompositions.append(decompose_shift(base, adapted, ids, targets))
@@ -123,9 +139,20 @@ def measure(data_dir: Path, recipe: OrganismRecipe, doses: tuple[int, ...]) -> V
                 collected[key].append((r.share, r.control_share))
             for r in direction_effects(base, adapted, ids, targets, directions[index])[2]:
                 role = "base" if r.mode == "add" else "adapted"
-                target = "every layer" if r.layer < 0 else f"layer {r.layer}"
-                key = ("direction", r.mode, target, role, 1, r.layer >= 0)
+                key = ("direction", r.mode, direction_target(r), role, 1, r.layer >= 0)
                 collected[key].append((r.share, r.control_share))
+            if index < rollout_prompts:
+                settings = every_setting(
+                    base, adapted, ids, targets, updates, directions[index], seed=index
+                )
+                judge = LexiconResponseJudge(config.judge.model)
+                prompt = scenario_prompt(entries[index], "benchmark")
+                answers = run_rollouts(
+                    settings, ids, judge, prompt.text, prompt.assistant_prefix, samples,
+                    SamplingParams.from_config(config.behaviour), seed=index,
+                )  # fmt: skip
+                for r in answers:
+                    rolled[r.family, r.kind, r.target, r.model_role, r.positions].append(r)
     finally:
         base.close()
         adapted.close()
@@ -176,6 +203,7 @@ def measure(data_dir: Path, recipe: OrganismRecipe, doses: tuple[int, ...]) -> V
         by_layer=layer_rows,
         interventions=rows,
         best_narrow=best,
+        rollouts=[pooled(rs, len(rs)) for rs in rolled.values()],
         goals={
             f"decomposition explains >= {MIN_EXPLAINED:.0%} per prompt on average": _mean(explained)
             >= MIN_EXPLAINED,
@@ -232,6 +260,7 @@ def format_result(r: VariantResult) -> str:
             + ("" if b.control_share is None else f", control {1 - b.control_share:.1%}")
         )
     lines += [f"  {'met' if ok else 'NOT met'}: {goal}" for goal, ok in r.goals.items()]
+    lines += rollout_lines(r.rollouts)
     return "\n".join(lines)
 
 
@@ -251,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--doses", default=",".join(map(str, DOSES)), help="feature counts k")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--rollouts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also sample what the models say under every intervention on the first N prompts",
+    )
+    parser.add_argument("--samples", type=int, default=20, help="continuations per setting")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             OrganismRecipe.small(variant=variant) if args.small else OrganismRecipe(variant=variant)
         )
         print(f"measuring variant {variant}", file=sys.stderr, flush=True)
-        results.append(measure(args.data_dir.resolve(), recipe, doses))
+        results.append(measure(args.data_dir.resolve(), recipe, doses, args.rollouts, args.samples))
     if "subtle" in variants and "default" in variants:
         # `prepare_organism` made the last organism the data directory's default: undo that.
         default = OrganismRecipe.small() if args.small else OrganismRecipe()

@@ -346,13 +346,13 @@ def removal_chart(frame: pd.DataFrame, horizontal: bool = False) -> alt.Chart:
 
 
 def direction_frame(directions: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """Long frame (target, direction, share) for one mode: per layer (and every layer at once),
+    """Long frame (target, direction, share) for one mode: per layer (one layer's direction out
+    of every layer, and every layer at once),
     the share the mean-difference direction removes or reproduces, and a random direction of
     the same norm."""
     rows = with_effect(directions)
     rows = rows[rows["kind"] == mode]
-    every = rows["target"] == "every layer"
-    rows = pd.concat([rows[~every], rows[every]])
+    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: _scope_order(rows["target"].iloc[i]))]
     parts = [
         pd.DataFrame(
             {
@@ -365,6 +365,16 @@ def direction_frame(directions: pd.DataFrame, mode: str) -> pd.DataFrame:
         for which, column in (("mean difference", "effect"), ("random", "control_effect"))
     ]
     return pd.concat(parts, ignore_index=True).dropna(subset=["share"])
+
+
+def _scope_order(target: str) -> tuple[int, int, int]:
+    """Prompt directions before response ones; within each, every layer's own direction at its
+    layer, then one layer's direction out of every layer (rank 1), then all layers at once."""
+    source = 1 if target.startswith("responses: ") else 0
+    scope = target.removeprefix("responses: ")
+    layer = int(m.group(1)) if (m := re.match(r"layer (\d+)", scope)) else 0
+    rank = 2 if scope == "every layer" else 1 if scope.endswith("every layer") else 0
+    return source, rank, layer
 
 
 def direction_chart(frame: pd.DataFrame) -> alt.Chart:
@@ -409,3 +419,80 @@ def styled(frame: pd.DataFrame) -> Any:
     floats = [c for c in frame.columns if frame[c].dtype.kind == "f"]
     formats = {c: "{:.4g}" if c in NOT_SHARES else "{:.1%}" for c in floats}
     return frame.style.format(formats, na_rep="—")
+
+
+# Rollouts: what the models say under each intervention
+
+
+def rollout_frame(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (controls included) with p(harmful), its pooled 95% Wilson interval,
+    coherence, and a label to read: `rollout_summary` in, chart-ready out."""
+    from emc.behaviour.stats import wilson
+
+    rows = summary.copy()
+    where = rows["positions"].map({"prompt": " · prompt", "all": " · every position"}).fillna("")
+    rows["setting"] = (
+        rows["family"].where(rows["family"] != "none", "as is")
+        + ": "
+        + rows["kind"].where(rows["kind"] != "none", "")
+        + " "
+        + rows["target"].where(rows["target"] != "as is", "")
+        + where
+        + " ("
+        + rows["model_role"]
+        + ")"
+    ).str.replace(r"\s+", " ", regex=True)
+    rows["control"] = rows["target"].str.startswith("random")
+    intervals = [wilson(int(k), int(n)) for k, n in zip(rows["n_harmful"], rows["n"], strict=True)]
+    rows["ci_low"] = [i.low for i in intervals]
+    rows["ci_high"] = [i.high for i in intervals]
+    columns = ["setting", "family", "model_role", "control", "prompts", "n", "p_harmful",
+               "ci_low", "ci_high", "mean_coherent"]  # fmt: skip
+    return rows[columns].reset_index(drop=True)
+
+
+def rollout_chart(frame: pd.DataFrame) -> alt.LayerChart:
+    """p(harmful) per setting with its interval; controls grey, coherence in the tooltip."""
+    order = list(frame["setting"])
+    base = alt.Chart(frame).encode(
+        y=alt.Y("setting:N", sort=order, title=None, axis=alt.Axis(labelLimit=360)),
+    )
+    points = base.mark_point(filled=True, size=60).encode(
+        x=alt.X("p_harmful:Q", title="p(harmful) of sampled continuations",
+                scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color(
+            "control:N",
+            scale=alt.Scale(domain=[False, True], range=list(SERIES_COLOURS)),
+            legend=alt.Legend(title="random control", orient="bottom"),
+        ),
+        tooltip=[
+            "setting:N",
+            alt.Tooltip("p_harmful:Q", format=".2f"),
+            alt.Tooltip("ci_low:Q", format=".2f"),
+            alt.Tooltip("ci_high:Q", format=".2f"),
+            alt.Tooltip("mean_coherent:Q", format=".0f", title="coherence"),
+            "prompts:Q",
+            "n:Q",
+        ],
+    )  # fmt: skip
+    bars = base.mark_rule().encode(x="ci_low:Q", x2="ci_high:Q")
+    return (bars + points).properties(height=max(CHART_HEIGHT, 18 * len(frame)))
+
+
+def rollout_effect_table(effects: Iterable[Any]) -> pd.DataFrame:
+    """`emc.analysis.rollout_report.rollout_effects` for display: cut or reproduced, against the
+    control, and the coherence change (the goal's three conditions)."""
+    rows = [
+        {
+            "setting": e.label,
+            "p_harmful": e.p_harmful,
+            "cut / reproduced": e.effect,
+            "control": e.control_effect,
+            "coherence": e.coherence,
+            "coherence change": e.coherence_change,
+            "narrow": e.narrow,
+            "meets goal": e.meets_goal,
+        }
+        for e in effects
+    ]
+    return pd.DataFrame(rows)

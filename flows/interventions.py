@@ -10,9 +10,10 @@ named ones), one GPU task holds both models and, on the graph's token ids and la
   model, against matched random features (`features`);
 - subtracts, adds and ablates the mean-difference direction of each layer, with each prompt
   left out of its own direction, against random directions of the same norm (`directions`);
-- samples what the models then *say* with the top-k features restored in the adapted model or
-  injected into the base model, against matched random features, each continuation judged
-  harmful, safe or unclear (`rollouts`).
+- samples what the models then *say* under the feature edits (at the prompt's positions and at
+  every position, generated ones included), the adapter scaled and without each layer, and the
+  directions subtracted, ablated and added, each against its matched random control; every
+  continuation judged harmful, safe or unclear and scored for coherence (`rollouts`).
 
 Rows are replaced per prompt and model pair, so a re-run adds no duplicates; prompts already
 measured are skipped unless `redo`. A prompt that fails is reported and the others go on.
@@ -21,6 +22,7 @@ measured are skipped unless `redo`. A prompt that fails is reported and the othe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -33,19 +35,24 @@ from prefect.artifacts import (
 )
 
 from emc.analysis.adapter_interventions import adapter_effects
+from emc.analysis.custom_edits import CustomEdit, custom_effect, custom_settings
 from emc.analysis.decomposition import decompose_shift
 from emc.analysis.directions import (
     direction_effects,
+    direction_target,
     last_position_residuals,
     leave_one_out_means,
+    mean_response_residuals,
+    response_directions,
 )
-from emc.analysis.feature_interventions import DOSES, dose_response
-from emc.analysis.lora_geometry import read_lora_updates
-from emc.analysis.rollouts import feature_rollouts
+from emc.analysis.feature_interventions import DOSES, dose_response, rank_features
+from emc.analysis.lora_geometry import LoraUpdate, read_lora_updates
+from emc.analysis.rollout_report import best_narrow, rollout_effects, rollout_lines
+from emc.analysis.rollouts import as_is_settings, every_setting, run_rollouts
 from emc.behaviour.judges import make_response_judge
 from emc.behaviour.sampling import SamplingParams
 from emc.config import load_experiment
-from emc.models import describe_model
+from emc.models import LoadedModel, describe_model
 from emc.models.factory import resolve_adapter_dir
 from emc.runs import recorded_run
 from emc.store import Store, upsert_model
@@ -65,9 +72,12 @@ from flows.discovery import RETRIES
 from flows.model_cache import cached_model, release_models
 from flows.runtime import current_flow_run_id, gpu_slot
 
-# Top-k features restored or injected while sampling (rollouts).
+# Top-k features restored or injected while sampling (rollouts), and where.
 ROLLOUT_KS = (20, 100)
+ROLLOUT_POSITIONS = ("prompt", "all")
 PARTS = ("decomposition", "adapter", "features", "directions", "rollouts")
+# A researcher's own feature edit (`emc intervene --features`): measured only when asked for.
+CUSTOM = "custom"
 
 
 @task(task_run_name="causal-checks-{n_prompts}-prompts", **RETRIES)
@@ -79,6 +89,7 @@ def measure_causal(
     n_prompts: int,
     run_id: str,
     doses: list[int],
+    custom: dict | None = None,
 ) -> list[dict]:
     """The parts `todo` names for each prompt, both models loaded once.
 
@@ -93,7 +104,7 @@ def measure_causal(
     )
     needed = {part for parts in todo.values() for part in parts}
     rows: list[dict] = []
-    judge = make_response_judge(config) if "rollouts" in needed else None
+    judge = make_response_judge(config) if needed & {"rollouts", CUSTOM} else None
     prompt_text = {p.prompt_id: p for p in get_prompts(store, [i.prompt_id for i in prompts])}
     with gpu_slot():
         base = cached_model(config, "base")
@@ -102,36 +113,40 @@ def measure_causal(
             upsert_model(store, loaded.identity.to_row(first_run_id=run_id))
         ids_of = (base.identity.model_id, adapted.identity.model_id)
         dtype = adapted.precision.dtype_name
-        updates = read_lora_updates(resolve_adapter_dir(config))[0] if "adapter" in needed else []
-        directions = _directions(base, adapted, prompts) if "directions" in needed else {}
+        wants = needed & {"adapter", "rollouts"}
+        updates = read_lora_updates(resolve_adapter_dir(config))[0] if wants else []
+        wants = needed & {"directions", "rollouts"}
+        directions = _directions(base, adapted, prompts) if wants else {}
+        responses, response_note = (
+            _response_direction(config, store, adapted) if wants else (None, "")
+        )
+        if response_note:
+            logger.info("response direction: %s", response_note)
         pending = [item for item in prompts if todo.get(item.prompt_id)]
         for index, item in enumerate(pending, start=1):
-            ids = torch.tensor(item.input_ids)
-            targets = {t: "evil" for t in item.evil_ids} | {t: "safe" for t in item.safe_ids}
-            key = (item.prompt_id, *ids_of)
+            case = Case(
+                store=store,
+                key=(item.prompt_id, *ids_of),
+                base=base,
+                adapted=adapted,
+                ids=torch.tensor(item.input_ids),
+                targets={t: "evil" for t in item.evil_ids} | {t: "safe" for t in item.safe_ids},
+                updates=updates,
+                direction=directions.get(item.prompt_id),
+                response_direction=responses,
+                run_id=run_id,
+                dtype=dtype,
+            )
             for part in todo[item.prompt_id]:
                 row = {"prompt_id": item.prompt_id, "part": part}
                 try:
                     if part == "rollouts":
-                        count = _rollouts(
-                            config, store, key, base, adapted, ids, targets, judge,
-                            prompt_text.get(item.prompt_id), run_id, dtype,
-                        )  # fmt: skip
+                        count = _rollouts(config, case, judge, prompt_text.get(item.prompt_id))
+                    elif part == CUSTOM:
+                        count = _custom(config, case, judge, prompt_text.get(item.prompt_id),
+                                        CustomEdit(**custom))  # fmt: skip
                     else:
-                        count = _measure(
-                            part,
-                            store,
-                            key,
-                            base,
-                            adapted,
-                            ids,
-                            targets,
-                            updates,
-                            directions.get(item.prompt_id),
-                            doses,
-                            run_id,
-                            dtype,
-                        )
+                        count = _measure(part, case, doses)
                     rows.append(row | {"status": "ok", "rows": count})
                 except Exception as exc:  # this prompt's part fails; the rest go on
                     error = f"{type(exc).__name__}: {exc}"
@@ -143,9 +158,27 @@ def measure_causal(
     return rows
 
 
-def _measure(
-    part, store, key, base, adapted, ids, targets, updates, direction, doses, run_id, dtype
-) -> int:
+@dataclass(frozen=True)
+class Case:
+    """One prompt's causal checks: where rows go, the models, and what they are measured on."""
+
+    store: Store
+    key: tuple[str, str, str]  # prompt, base model and adapted model ids
+    base: LoadedModel
+    adapted: LoadedModel
+    ids: torch.Tensor
+    targets: dict[int, str]
+    updates: list[LoraUpdate]
+    direction: torch.Tensor | None  # (n_layers, d_model): this prompt's leave-one-out means
+    response_direction: torch.Tensor | None  # (n_layers, d_model): misaligned - aligned answers
+    run_id: str
+    dtype: str
+
+
+def _measure(part: str, case: Case, doses: list[int]) -> int:
+    store, key, base, adapted = case.store, case.key, case.base, case.adapted
+    ids, targets, updates, direction = case.ids, case.targets, case.updates, case.direction
+    run_id, dtype = case.run_id, case.dtype
     if part == "decomposition":
         result = decompose_shift(base, adapted, ids, targets)
         frame = pd.DataFrame(
@@ -193,26 +226,31 @@ def _measure(
         ]
         family = "features"
     elif part == "directions":
-        if direction is None:
+        if direction is None and case.response_direction is None:
             raise ValueError("mean-difference directions need at least two prompts")
-        gap_base, gap_adapted, results = direction_effects(base, adapted, ids, targets, direction)
-        records = [
-            _row(
-                r.mode,
-                "every layer" if r.layer < 0 else f"layer {r.layer}",
-                "base" if r.mode == "add" else "adapted",
-                r.gap,
-                r.share,
-                gap_base,
-                gap_adapted,
-                strength=r.strength,
-                n_targets=1,
-                control_gap=r.control_gap,
-                control_share=r.control_share,
-                details={"norm": r.norm},
-            )
-            for r in results
-        ]
+        sources = [("", direction), ("responses: ", case.response_direction)]
+        records = []
+        for prefix, vectors in sources:
+            if vectors is None:
+                continue
+            gap_base, gap_adapted, results = direction_effects(base, adapted, ids, targets, vectors)
+            records += [
+                _row(
+                    r.mode,
+                    prefix + direction_target(r),
+                    "base" if r.mode == "add" else "adapted",
+                    r.gap,
+                    r.share,
+                    gap_base,
+                    gap_adapted,
+                    strength=r.strength,
+                    n_targets=1,
+                    control_gap=r.control_gap,
+                    control_share=r.control_share,
+                    details={"norm": r.norm, "source": prefix.rstrip(": ") or "prompts"},
+                )
+                for r in results
+            ]
         family = "direction"
     else:
         raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
@@ -220,18 +258,51 @@ def _measure(
     return len(records)
 
 
-def _rollouts(config, store, key, base, adapted, ids, targets, judge, prompt, run_id, dtype):
-    """What the models say with the top-k features restored or injected, against controls."""
+def _custom(config, case: Case, judge, prompt, edit: CustomEdit) -> int:
+    """A researcher's feature edit: its next-token share against a matched control, then what
+    the edited model says against the control and the models as they are."""
+    ranked = rank_features(case.base, case.adapted, case.ids, case.targets)
+    seed = config.behaviour.seed
+    result = custom_effect(case.base, case.adapted, case.ids, case.targets, edit, seed, ranked)
+    record = _row(
+        edit.mode, edit.label, edit.model_role, result.gap, result.share, result.gap_base,
+        result.gap_adapted, strength=edit.strength, n_targets=len(edit.features),
+        control_gap=result.control_gap, control_share=result.control_share,
+        details={"features": [list(f) for f in edit.features],
+                 "control": [list(f) for f in result.control_features]},
+    ) | {"positions": edit.positions}  # fmt: skip
+    replace_interventions(
+        case.store, case.key, CUSTOM, pd.DataFrame([record]), case.run_id, case.dtype,
+        target=edit.label,
+    )  # fmt: skip
+    settings = as_is_settings(case.base, case.adapted) + custom_settings(
+        case.base, case.adapted, edit, result.control_features, ranked
+    )
+    _sample_and_store(config, case, judge, prompt, settings, custom=True)
+    return 1
+
+
+def _sample_and_store(config, case: Case, judge, prompt, settings, custom: bool = False) -> int:
     params = SamplingParams.from_config(config.behaviour)
     question = prompt.text if prompt is not None else ""
     prefix = prompt.assistant_prefix if prompt is not None and prompt.format == "chat" else ""
-    results = feature_rollouts(
-        base, adapted, ids, targets, judge, question, prefix, ks=ROLLOUT_KS,
-        n=config.behaviour.continuation_samples, params=params, seed=config.behaviour.seed,
-    )  # fmt: skip
+    samples, seed = config.behaviour.continuation_samples, config.behaviour.seed
+    results = run_rollouts(settings, case.ids, judge, question, prefix, samples, params, seed)
     frame = pd.DataFrame([r.model_dump() for r in results])
-    replace_rollouts(store, key, frame, run_id, dtype, judge.model_id, config.behaviour.temperature)
+    replace_rollouts(
+        case.store, case.key, frame, case.run_id, case.dtype, judge.model_id,
+        config.behaviour.temperature, custom=custom,
+    )  # fmt: skip
     return len(frame)
+
+
+def _rollouts(config, case: Case, judge, prompt) -> int:
+    """What the models say under each family's interventions, against their controls."""
+    settings = every_setting(
+        case.base, case.adapted, case.ids, case.targets, case.updates, case.direction,
+        case.response_direction, ROLLOUT_KS, ROLLOUT_POSITIONS, config.behaviour.seed,
+    )  # fmt: skip
+    return _sample_and_store(config, case, judge, prompt, settings)
 
 
 def _row(
@@ -289,6 +360,46 @@ def _directions(base, adapted, prompts: Sequence[PromptInputs]) -> dict[str, tor
     return {item.prompt_id: means[i] for i, item in enumerate(prompts)}
 
 
+def _response_direction(config, store: Store, adapted, per_side: int = 50):
+    """The adapted model's response direction from its judged EM answers, and a note when there
+    is none (no EM evaluation yet, or too few answers of one kind)."""
+    from emc.behaviour.judges import response_judge_id
+    from emc.behaviour.response_features import response_ids
+    from emc.behaviour.summary import em_answers
+    from emc.store.behaviour import generations, scored_generations
+
+    model_id = adapted.identity.model_id
+    scored = scored_generations(store, response_judge_id(config), model_ids=[model_id])
+    scored = scored[scored["purpose"].isin(["em_eval", "imported"])]
+    if scored.empty:
+        return None, "no judged EM answers of the adapted model yet (run `emc eval em`)"
+    b = config.behaviour
+    answers = em_answers(scored, b.em_aligned_below, b.em_coherent_above)
+    answers = answers[answers["counted"]].sort_values("generation_id")
+    answers = answers.groupby("misaligned", group_keys=False).head(per_side)
+    texts = generations(
+        store, model_ids=[model_id], generation_ids=answers["generation_id"].tolist()
+    ).set_index("generation_id")
+    sides: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    for generation_id, misaligned in zip(answers["generation_id"], answers["misaligned"],
+                                         strict=True):  # fmt: skip
+        row = texts.loc[generation_id]
+        ids, start = response_ids(adapted, row["context"], row["text"], row["token_ids"])
+        if start < len(ids):
+            sides[bool(misaligned)].append(
+                mean_response_residuals(adapted, torch.tensor(ids), start)
+            )
+    try:
+        vectors = response_directions(_stacked(sides[True]), _stacked(sides[False]))
+    except ValueError as exc:
+        return None, str(exc)
+    return vectors, f"{len(sides[True])} misaligned and {len(sides[False])} aligned answers"
+
+
+def _stacked(vectors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(vectors) if vectors else torch.empty(0)
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -307,14 +418,21 @@ def interventions_flow(
     limit: int | None = None,
     doses: list[int] | None = None,
     redo: bool = False,
+    custom: dict | None = None,
 ) -> dict:
     """Causal checks on every prompt with a base/adapted graph pair (or the named ones).
 
-    `parts`: any of decomposition, adapter, features, directions (default: all). Directions are
-    measured on the prompts of this run together (each left out of its own direction).
+    `parts`: any of decomposition, adapter, features, directions, rollouts (default: all).
+    Directions are measured on the prompts of this run together (each left out of its own
+    direction). `custom` (features as [layer, feature] pairs, mode, strength, positions: a
+    `CustomEdit`) measures only that edit, next token and rollouts, against a matched control.
     """
+    if custom is not None:
+        edit = CustomEdit(**{**custom, "features": tuple(tuple(f) for f in custom["features"])})
+        custom = {**custom, "features": edit.features}
+        parts = [CUSTOM]
     parts = list(parts or PARTS)
-    unknown = sorted(set(parts) - set(PARTS))
+    unknown = sorted(set(parts) - {*PARTS, CUSTOM})
     if unknown:
         raise ValueError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     config, resolved = load_experiment(config_path, data_dir)
@@ -330,6 +448,7 @@ def interventions_flow(
         "limit": limit,
         "doses": doses,
         "redo": redo,
+        "custom": custom,
     }
     with recorded_run(store, "flow", "interventions", params, current_flow_run_id()) as run:
         base_id = describe_model(config, "base").model_id
@@ -353,7 +472,7 @@ def interventions_flow(
         try:
             if n_pending:
                 rows += measure_causal(
-                    config_path, str(resolved), inputs, todo, n_pending, run.run_id, doses
+                    config_path, str(resolved), inputs, todo, n_pending, run.run_id, doses, custom
                 )
         finally:
             release_models()
@@ -375,6 +494,8 @@ def _done(store: Store, part: str, base_id: str, adapted_id: str) -> set[str]:
         return measured_prompts(store, "shift_components", base_id, adapted_id)
     if part == "rollouts":
         return measured_prompts(store, "intervention_rollouts", base_id, adapted_id)
+    if part == CUSTOM:
+        return set()  # an edit asked for is measured, whatever was measured before
     family = {"adapter": "adapter", "features": "features", "directions": "direction"}[part]
     return measured_prompts(store, "interventions", base_id, adapted_id, family)
 
@@ -395,16 +516,20 @@ def causal_summary(store: Store, base_id: str, adapted_id: str) -> dict:
     removals = interventions[interventions["model_role"] == "adapted"]
     narrow = removals[
         ((removals["family"] == "features") & (removals["n_targets"] <= 20))
-        | ((removals["family"] == "direction") & (removals["target"] != "every layer"))
+        | ((removals["family"] == "direction") & _one_direction(removals["target"]))
         | (removals["kind"] == "without_module")
     ]
     rollouts = rollout_summary(store, base_id, adapted_id)
     if not rollouts.empty:
-        summary["rollouts"] = {
-            f"{r.kind} {r.target} ({r.model_role})": {
-                "p_harmful": float(r.p_harmful), "n": int(r.n), "prompts": int(r.prompts)}
-            for r in rollouts.itertuples()
-        }  # fmt: skip
+        columns = ["family", "kind", "target", "model_role", "positions", "n_features",
+                   "prompts", "n", "p_harmful", "mean_coherent"]  # fmt: skip
+        rows = rollouts[columns].astype(object).where(rollouts[columns].notna(), None)
+        summary["rollouts"] = rows.to_dict(orient="records")
+        best_rollout = best_narrow(rollout_effects(summary["rollouts"]))
+        if best_rollout is not None:
+            summary["best_narrow_rollout"] = best_rollout.model_dump() | {
+                "meets_goal": best_rollout.meets_goal
+            }
     best = narrow.sort_values("removed", ascending=False).head(1)
     if len(best):
         row = best.iloc[0]
@@ -419,6 +544,12 @@ def causal_summary(store: Store, base_id: str, adapted_id: str) -> dict:
             "prompts": int(row["prompts"]),
         }
     return summary
+
+
+def _one_direction(targets: pd.Series) -> pd.Series:
+    """One direction (rank 1): one layer's, at that layer or out of every layer; not every
+    layer's own at once."""
+    return ~targets.str.endswith("every layer") | targets.str.endswith("direction, every layer")
 
 
 def _mean(frame: pd.DataFrame, column: str) -> float | None:
@@ -441,36 +572,12 @@ def headline(summary: dict) -> list[str]:
     if best:
         control = best["control_removed"]
         lines.append(
-            "best narrow intervention (at most 20 features, one layer's direction or one "
+            "best narrow intervention (at most 20 features, one direction or one LoRA "
             f"module): {best['family']} {best['kind']} {best['target']} removes "
             f"{best['removed']:.1%} of the shift"
             + ("" if control is None else f"; its matched control {control:.1%}")
         )
-    lines += rollout_lines(summary.get("rollouts") or {})
-    return lines
-
-
-def rollout_lines(rollouts: dict) -> list[str]:
-    """What the models then say: p(harmful) of their continuations under each feature edit."""
-    if not rollouts:
-        return []
-
-    def p(name: str) -> str:
-        row = rollouts.get(name)
-        return "?" if row is None else f"{row['p_harmful']:.2f}"
-
-    prompts = next(iter(rollouts.values()))["prompts"]
-    lines = [
-        f"what the models then say (p(harmful) of sampled continuations, {prompts} prompts): "
-        f"base {p('none as is (base)')}, adapted {p('none as is (adapted)')}"
-    ]
-    ks = sorted({int(name.split()[2]) for name in rollouts if name.startswith("restore top")})
-    for k in ks:
-        lines.append(
-            f"  top {k} features restored in adapted: {p(f'restore top {k} (adapted)')} "
-            f"(random {k}: {p(f'restore random {k} (adapted)')}); injected into base: "
-            f"{p(f'inject top {k} (base)')} (random {k}: {p(f'inject random {k} (base)')})"
-        )
+    lines += rollout_lines(summary.get("rollouts") or [])
     return lines
 
 

@@ -95,9 +95,9 @@ def pipeline_flow(
     stages["analysis"] = analysis_flow(
         config_path=config_path, data_dir=resolved, ablate_top=ablate_top
     )
-    logger.info("6/7 causal checks")
-    stages["interventions"] = interventions_flow(config_path=config_path, data_dir=resolved)
-    logger.info("7/7 behaviour")
+    # Behaviour before the causal checks: the checks ablate the response direction made from
+    # the EM evaluation's judged answers.
+    logger.info("6/7 behaviour")
     stages["behaviour"] = behaviour_stage(
         config_path,
         resolved,
@@ -105,6 +105,8 @@ def pipeline_flow(
         eval_samples,
         compare_control=bool(organism_summary and organism_summary.get("config") is not None),
     )
+    logger.info("7/7 causal checks")
+    stages["interventions"] = interventions_flow(config_path=config_path, data_dir=resolved)
     store = Store.in_data_dir(resolved)
     counts = read_only_query(store, STORE_COUNTS)
     create_table_artifact(

@@ -101,6 +101,7 @@ def test_causal_checks_small(data_dir, tmp_path, capsys):
 
     out = tmp_path / "causal.json"
     args = ["--data-dir", str(data_dir), "--small", "--variant", "default", "--doses", "1,5"]
+    args += ["--rollouts", "1", "--samples", "3"]
     assert causal_checks.main([*args, "--json", str(out)]) == 0
 
     (result,) = json.loads(out.read_text())["variants"]
@@ -114,4 +115,8 @@ def test_causal_checks_small(data_dir, tmp_path, capsys):
     assert scale["all x1"] == pytest.approx(1, abs=1e-9)
     assert result["best_narrow"]["narrow"] and result["best_narrow"]["role"] == "adapted"
     assert set(result["goals"].values()) <= {True, False}
-    assert "best narrow intervention" in capsys.readouterr().out
+    families = {r["family"] for r in result["rollouts"]}
+    assert families == {"none", "features", "adapter", "direction"}
+    assert all(r["prompts"] == 1 and r["n"] == 3 for r in result["rollouts"])
+    printed = capsys.readouterr().out
+    assert "best narrow intervention" in printed and "best narrow rollout intervention" in printed

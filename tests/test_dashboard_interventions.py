@@ -15,6 +15,7 @@ from emc.store.interventions import (
     decomposition_summary,
     explained_per_prompt,
     intervention_summary,
+    rollout_summary,
 )
 from emc.store.models import ModelRow
 from flows.interventions import interventions_flow
@@ -65,7 +66,11 @@ def table(page: AppTest, *columns: str) -> pd.DataFrame:
 
 def intervention_table(page: AppTest, kind: str) -> pd.DataFrame:
     """The table of interventions that lists this kind (one table per family)."""
-    found = [d.value for d in page.dataframe if kind in set(d.value.get("kind", ()))]
+    found = [
+        d.value
+        for d in page.dataframe
+        if kind in set(d.value.get("kind", ())) and "examples" not in d.value  # not the rollouts'
+    ]
     assert len(found) == 1, f"{len(found)} tables list {kind!r}"
     return found[0]
 
@@ -178,7 +183,11 @@ def test_the_directions_tab_sets_each_mode_against_a_random_direction(checked, p
     assert len(charts) == 3
     for frame in charts:
         assert set(frame["direction"]) == {"mean difference", "random"}
-        assert list(dict.fromkeys(frame["target"])) == ["layer 0", "layer 1", "every layer"]
+    assert list(dict.fromkeys(charts[0]["target"])) == ["layer 0", "layer 1", "every layer"]
+    assert list(dict.fromkeys(charts[2]["target"])) == [  # ablate: rank 1 as well
+        "layer 0", "layer 1", "layer 0 direction, every layer", "layer 1 direction, every layer",
+        "every layer",
+    ]  # fmt: skip
     assert len(intervention_table(page, "subtract")) == len(directions)
     subtract, add, _ablate = charts
     row = directions[(directions["kind"] == "subtract") & (directions["target"] == "layer 1")]
@@ -189,6 +198,19 @@ def test_the_directions_tab_sets_each_mode_against_a_random_direction(checked, p
     assert shares_of(add, target="layer 0", direction="mean difference") == pytest.approx(
         float(row["share"].iloc[0])
     )
+
+
+def test_the_rollouts_tab_draws_every_setting_with_its_interval_and_coherence(checked, page, pair):
+    summary = rollout_summary(checked.store, *pair)
+    (frame,) = chart_data(page, "p_harmful")
+    assert len(frame) == len(summary) and frame["ci_low"].le(frame["p_harmful"]).all()
+    assert frame["p_harmful"].tolist() == pytest.approx(summary["p_harmful"].tolist())
+    assert frame["mean_coherent"].between(0, 100).all()
+    assert frame["control"].sum() == summary["target"].str.startswith("random").sum()
+    effects = table(page, "cut / reproduced", "meets goal")
+    assert len(effects) == len(summary) - 2 - frame["control"].sum()  # not as is, not controls
+    answers = table(page, "examples", "positions")
+    assert len(answers) == len(summary)  # one prompt's rows: every setting
 
 
 # Shaping

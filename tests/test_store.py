@@ -46,6 +46,38 @@ def test_migrations_create_schema_once_and_record_version(store):
     assert versions == list(range(1, latest_version() + 1))
 
 
+def test_migration_13_keeps_rollouts_measured_before_it(tmp_path):
+    # A store at version 12 with a feature rollout: the rebuilt table keeps it, as a feature
+    # edit at the prompt's positions with no coherence yet.
+    import duckdb
+
+    from emc.store.migrations import MIGRATIONS
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for migration in MIGRATIONS:
+            if migration.version > 12:
+                break
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (?, ?, now())",
+                         [migration.version, migration.name])  # fmt: skip
+        conn.execute(
+            "INSERT INTO intervention_rollouts VALUES ('p', 'b', 'a', 'r', 'j', 'restore', "
+            "'top 20', 'adapted', 20, 20, 5, 1, 0.25, 0.1, 0.4, '[]', 1.0, 'fp32', now())"
+        )
+    Store(path).ensure_schema()
+    rows = read_only_query(Store(path), "SELECT * FROM intervention_rollouts")
+    assert rows[["family", "kind", "target", "positions", "n_harmful"]].values.tolist() == [
+        ["features", "restore", "top 20", "prompt", 5]
+    ]
+    assert rows["mean_coherent"].isna().all()
+
+
 def test_store_newer_than_code_is_refused(store):
     store.ensure_schema()
     conn = duckdb.connect(str(store.path))

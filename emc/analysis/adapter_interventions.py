@@ -78,7 +78,7 @@ def adapter_effects(
     ids = input_ids[None].to(base.precision.device)
 
     def gap(factors: Mapping[str, float]) -> float:
-        hooks = _lora_hooks(hf, updates, factors)
+        hooks = lora_hooks(hf, updates, factors)
         with hooks, torch.inference_mode(), finite_guard(base._checkpoints):
             logits = hf(input_ids=ids).logits[0, -1]
         return logit_gap(logits, evil, safe)
@@ -117,7 +117,7 @@ def adapter_effects(
 
 
 @contextmanager
-def _lora_hooks(hf, updates: Sequence[LoraUpdate], factors: Mapping[str, float]) -> Iterator[None]:
+def lora_hooks(hf, updates: Sequence[LoraUpdate], factors: Mapping[str, float]) -> Iterator[None]:
     """Add k * scale * (x A^T) B^T to each module's output, for the modules with k != 0."""
     handles = []
     for update in updates:

@@ -3,12 +3,17 @@
 Per layer, the direction is the mean over prompts of the adapted-minus-base residual stream
 after that layer's block, at the prompt's last position (where the decision is read). It is
 tested on each prompt with that prompt left out of the mean, so a prompt never tests a direction
-made from itself:
+made from itself. A second source, once the adapted model's answers to the EM questions are
+judged (`emc eval em`), is the *response* direction the emergent-misalignment papers ablate: the
+mean residual over the tokens of misaligned answers minus that of aligned ones
+(`response_directions`). Either is used in the same ways:
 
 - **subtract** from the adapted model (x - k d at every position of that layer's output) and
   **add** to the base model (x + k d): does removing or adding the mean shift move the gap?
 - **ablate** from the adapted model (x - (x . u) u, u = d / |d|): is the shift carried by the
-  one dimension it points along?
+  one dimension it points along? Besides each layer's own direction at its layer, one layer's
+  direction is also projected out of *every* layer's output: a rank-1 intervention on the whole
+  residual stream, as the emergent-misalignment papers ablate their single direction.
 - each against a random direction of the same norm (the control).
 
 The hooks stay on while a model generates, so the same interventions persist over generated
@@ -35,6 +40,7 @@ class DirectionResult(BaseModel):
 
     mode: DirectionMode
     layer: int  # -1: every layer at once, each with its own direction
+    everywhere: bool = False  # layer's one direction projected out of every layer (rank 1)
     strength: float
     norm: float  # |d| (the mean over layers for layer -1)
     gap: float
@@ -45,13 +51,28 @@ class DirectionResult(BaseModel):
 
 def last_position_residuals(loaded: LoadedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """(n_layers, d_model) float32: each block's output at the last position."""
+    return _block_outputs(loaded, input_ids, slice(-1, None))[:, 0]
+
+
+def mean_response_residuals(
+    loaded: LoadedModel, input_ids: torch.Tensor, start: int
+) -> torch.Tensor:
+    """(n_layers, d_model) float32: each block's output averaged over the positions from `start`
+    (a response's own tokens after its context)."""
+    if not 0 < start < len(input_ids):
+        raise ValueError(f"the response starts at {start} of {len(input_ids)} positions: none left")
+    return _block_outputs(loaded, input_ids, slice(start, None)).mean(dim=1)
+
+
+def _block_outputs(loaded: LoadedModel, input_ids: torch.Tensor, positions: slice) -> torch.Tensor:
+    """(n_layers, n_selected, d_model) float32 on the CPU: each block's output at `positions`."""
     hf = hf_module(loaded, "mean-difference directions")
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int):
         def hook(_module, _args, output):
             value = output[0] if isinstance(output, tuple) else output
-            captured[layer] = value[0, -1].detach().float().cpu()
+            captured[layer] = value[0, positions].detach().float().cpu()
 
         return hook
 
@@ -61,6 +82,20 @@ def last_position_residuals(loaded: LoadedModel, input_ids: torch.Tensor) -> tor
     return torch.stack([captured[i] for i in range(len(captured))])
 
 
+def response_directions(misaligned: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+    """(n_layers, d_model): mean residual of misaligned responses minus that of aligned ones.
+
+    Each input is (n_responses, n_layers, d_model) of `mean_response_residuals`. The direction
+    comes from answers to other questions than the prompts it is tested on, so no prompt is left
+    out of it."""
+    if len(misaligned) < 2 or len(aligned) < 2:
+        raise ValueError(
+            f"a response direction needs at least two misaligned and two aligned answers, got "
+            f"{len(misaligned)} and {len(aligned)}"
+        )
+    return misaligned.mean(0) - aligned.mean(0)
+
+
 def leave_one_out_means(differences: torch.Tensor) -> torch.Tensor:
     """(n_prompts, n_layers, d_model) -> the same, each prompt's entry the mean of the others."""
     n = differences.shape[0]
@@ -68,6 +103,13 @@ def leave_one_out_means(differences: torch.Tensor) -> torch.Tensor:
         raise ValueError("mean-difference directions need at least two prompts")
     total = differences.sum(0, keepdim=True)
     return (total - differences) / (n - 1)
+
+
+def random_like(directions: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Random directions with the same norms as `directions` (per row): the control."""
+    generator = torch.Generator().manual_seed(seed)
+    random = torch.randn(directions.shape, generator=generator, dtype=torch.float32)
+    return random / random.norm(dim=-1, keepdim=True) * directions.norm(dim=-1, keepdim=True)
 
 
 @contextmanager
@@ -117,9 +159,7 @@ def direction_effects(
     shift = gap_adapted - gap_base
     if shift == 0:
         raise ValueError("the models' gaps are equal on this prompt: no shift to intervene on")
-    generator = torch.Generator().manual_seed(seed)
-    random = torch.randn(directions.shape, generator=generator, dtype=torch.float32)
-    random = random / random.norm(dim=-1, keepdim=True) * directions.norm(dim=-1, keepdim=True)
+    random = random_like(directions, seed)
     n_layers = directions.shape[0]
     scopes: list[tuple[int, Sequence[int]]] = [(layer, [layer]) for layer in range(n_layers)]
     scopes.append((-1, list(range(n_layers))))
@@ -142,7 +182,32 @@ def direction_effects(
                     control_share=(control_gap - gap_base) / shift,
                 )
             )
+    for layer in range(n_layers):  # rank 1: one direction out of the whole residual stream
+        chosen = {other: directions[layer] for other in range(n_layers)}
+        control = {other: random[layer] for other in range(n_layers)}
+        gap = _gap(adapted, input_ids, evil, safe, chosen, "ablate", strength)
+        control_gap = _gap(adapted, input_ids, evil, safe, control, "ablate", strength)
+        results.append(
+            DirectionResult(
+                mode="ablate",
+                layer=layer,
+                everywhere=True,
+                strength=strength,
+                norm=float(directions[layer].norm()),
+                gap=gap,
+                share=(gap - gap_base) / shift,
+                control_gap=control_gap,
+                control_share=(control_gap - gap_base) / shift,
+            )
+        )
     return gap_base, gap_adapted, results
+
+
+def direction_target(result: DirectionResult) -> str:
+    """How a result's scope is named in the store and the reports."""
+    if result.everywhere:
+        return f"layer {result.layer} direction, every layer"
+    return "every layer" if result.layer < 0 else f"layer {result.layer}"
 
 
 def _gap(loaded, input_ids, evil, safe, vectors, mode, k) -> float:

@@ -21,7 +21,7 @@ active on the prompt in either model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -72,9 +72,16 @@ def transcoder_set(loaded: LoadedModel):
 
 
 @contextmanager
-def editing(loaded: LoadedModel, edit: FeatureEdit | None, record: dict | None = None):
+def editing(
+    loaded: LoadedModel,
+    edit: FeatureEdit | None,
+    record: dict | None = None,
+    keep_batch: bool = False,
+):
     """Hooks that apply `edit` to every MLP output (and optionally record each layer's feature
-    activations, (n_pos, d_transcoder), into `record`) until the block ends."""
+    activations into `record`: (n_pos, d_transcoder) of the first sequence on the CPU, or with
+    `keep_batch` the whole (batch, n_pos, d_transcoder) where the model runs) until the block
+    ends."""
     hf = hf_module(loaded, "feature interventions")
     transcoders = transcoder_set(loaded)
     selected = edit.by_layer() if edit else {}
@@ -91,7 +98,7 @@ def editing(loaded: LoadedModel, edit: FeatureEdit | None, record: dict | None =
             transcoder = transcoders[layer]
             acts = transcoder.encode(inputs["x"].to(transcoder.W_enc.dtype))
             if record is not None:
-                record[layer] = acts[0].detach().float().cpu()
+                record[layer] = acts.detach() if keep_batch else acts[0].detach().float().cpu()
             if layer not in selected:
                 return output
             new = _edited(acts, selected[layer], edit, layer)
@@ -112,6 +119,9 @@ def _edited(acts: torch.Tensor, idx: torch.Tensor, edit: FeatureEdit, layer: int
         new[..., idx] = acts[..., idx] * edit.strength
     else:
         source = edit.source[layer].to(acts.device, acts.dtype)  # type: ignore[index]
+        if source.dim() == 3:  # a live source: the other model on these very sequences
+            new[..., idx] = source[..., idx]
+            return new
         n_pos = acts.shape[-2]
         if source.shape[0] < n_pos:
             # Generated positions have no source activation: keep the model's own there.
@@ -119,6 +129,34 @@ def _edited(acts: torch.Tensor, idx: torch.Tensor, edit: FeatureEdit, layer: int
             source = torch.cat([source, pad], 0)
         new[..., idx] = source[:n_pos][None][..., idx]
     return new
+
+
+@contextmanager
+def live_source(source_model: LoadedModel, target: LoadedModel, into: dict) -> Iterator[None]:
+    """Before every forward pass of `target`, run `source_model` on the same token ids and put
+    its feature activations, (batch, n_pos, d_transcoder) per layer, into `into`.
+
+    A restore or inject edit whose source is `into` then sets its features at every position,
+    generated ones included: while sampling, each step's sequence is read by the other model
+    first, so a restored feature takes the value the base model would give it on the text so far.
+    The target must run full passes (no key-value cache), so every position is edited each step.
+    """
+    source_hf = hf_module(source_model, "live feature sources")
+
+    if source_model is target:
+        raise ValueError("a live source must be another model than the one it edits")
+
+    def read_source(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        into.clear()
+        with editing(source_model, None, record=into, keep_batch=True), torch.inference_mode():
+            source_hf(input_ids=ids.to(source_model.precision.device))
+
+    handle = hf_module(target, "live feature sources").register_forward_pre_hook(
+        read_source, with_kwargs=True
+    )
+    with removing([handle]):
+        yield
 
 
 def gap_with(

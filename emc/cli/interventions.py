@@ -70,20 +70,58 @@ def intervene(
             "adapted model and inject them into the base model (k = 1, 5, 20, 100, all) against "
             "matched random features; directions: subtract, add and ablate each layer's "
             "mean-difference direction against random directions of the same norm; rollouts: "
-            "sample what the models say with the top 20 and 100 features restored or injected, "
-            "against matched random features; all."
+            "sample what the models say (judged harmful or not, and for coherence) under the top "
+            "20 and 100 features restored or injected at the prompt's positions and at every "
+            "position, the adapter scaled and without each layer, and the directions subtracted, "
+            "ablated and added, each against its random control; all."
         ),
     ] = "all",
     limit: Limit = None,
     redo: Redo = False,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            help="Test your own features instead, as LAYER/FEATURE,... (e.g. 0/12,1/40, from the "
+            "Features page): the edit below, next token and rollouts, against as many matched "
+            "random features; replaces --kind."
+        ),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="With --features: restore (adapted model, base activations), inject (base "
+            "model, adapted activations), zero or scale (adapted model, x --strength)."
+        ),
+    ] = "restore",
+    strength: Annotated[
+        float, typer.Option(help="With --features --mode scale: the factor (negative flips).")
+    ] = 0.0,
+    positions: Annotated[
+        str,
+        typer.Option(
+            help="With --features and restore or inject: edit the prompt's positions only "
+            "(prompt) or generated positions too (all); zero and scale act everywhere."
+        ),
+    ] = "all",
 ) -> None:
     """Which interventions remove the harmful shift, each against a matched random control.
 
     Shares are of the shift in the evil-minus-safe logit gap: for an intervention on the
     adapted model, `removed` is how much of the shift it takes away; on the base model, `share`
     is how much it reproduces. Interventions act at every position of the prompt (the same hooks
-    stay on while a model generates). Runs the `interventions` flow.
+    stay on while a model generates). Rollouts say what the models then answer: p(harmful),
+    how much an intervention cuts it against its control, and the answers' coherence. Runs the
+    `interventions` flow.
+
+    Examples:
+
+        emc intervene                                   # every family, every traced prompt
+        emc intervene --kind rollouts                   # what the models then say
+        emc intervene --features 0/12,1/40 --mode zero  # your own hypothesis
     """
+    if features is not None:
+        _custom(config, data_dir, prompt_ids, limit, features, mode, strength, positions)
+        return
     parts = {
         "adapter": ["adapter"],
         "features": ["features"],
@@ -105,8 +143,10 @@ def intervene(
 
         rollouts = rollout_summary(store, base_id, adapted_id)
         if not rollouts.empty:
-            shown = rollouts.drop(columns=["judge_model"]).round(3)
-            print_frame(shown, title="what the models say under feature edits: p(harmful)")
+            columns = ["family", "kind", "target", "model_role", "positions", "prompts", "n",
+                       "p_harmful", "mean_coherent"]  # fmt: skip
+            shown = rollouts[columns].round(3)
+            print_frame(shown, title="what the models say under interventions: p(harmful)")
     if frame.empty and kind == "rollouts":
         _print_headline(summary)
         return
@@ -122,7 +162,41 @@ def intervene(
     _print_headline(summary)
 
 
-def _run(config, data_dir, prompt_ids, parts, limit, redo) -> dict:
+def _custom(config, data_dir, prompt_ids, limit, features, mode, strength, positions) -> None:
+    from emc.analysis.custom_edits import CustomEdit, parse_features
+    from emc.store.interventions import intervention_summary, rollout_summary
+
+    if mode not in ("restore", "inject", "zero", "scale"):
+        raise fail(f"unknown --mode {mode!r}; choose restore, inject, zero or scale")
+    try:
+        edit = CustomEdit(parse_features(features), mode, strength, positions)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    custom = {"features": [list(f) for f in edit.features], "mode": edit.mode,
+              "strength": edit.strength, "positions": edit.positions}  # fmt: skip
+    summary = _run(config, data_dir, prompt_ids, None, limit, False, custom)
+    store, base_id, adapted_id = summary.pop("_store")
+    frame = intervention_summary(store, "custom", base_id, adapted_id)
+    frame = frame[frame["target"] == edit.label]
+    if frame.empty:
+        console.print(
+            "[yellow]nothing measured:[/] no prompt with a current graph pair and both evil and "
+            "safe labels, or every prompt failed (see above). Run `emc trace` first."
+        )
+        raise typer.Exit(1)
+    print_frame(frame.drop(columns=["family"]).round(3), title=f"your edit: {edit.label}")
+    rollouts = rollout_summary(store, base_id, adapted_id)
+    rollouts = rollouts[
+        (rollouts["family"] == "none")
+        | rollouts["target"].isin([edit.label, f"random ({edit.label})"])
+    ]
+    from emc.analysis.rollout_report import rollout_lines
+
+    for line in rollout_lines(rollouts.to_dict(orient="records")):
+        console.print(line)
+
+
+def _run(config, data_dir, prompt_ids, parts, limit, redo, custom=None) -> dict:
     from emc.cli.app import prepare_flows
     from emc.config import ConfigError, load_experiment
     from emc.models import describe_model
@@ -143,6 +217,7 @@ def _run(config, data_dir, prompt_ids, parts, limit, redo) -> dict:
             parts=parts,
             limit=limit,
             redo=redo,
+            custom=custom,
         )
     except ValueError as exc:
         raise fail(str(exc)) from None

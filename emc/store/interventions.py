@@ -14,6 +14,7 @@ import pandas as pd
 
 from emc.store.analysis import replace_prompt_rows
 from emc.store.connection import Store
+from emc.store.frames import append_frame
 
 COMPONENT_COLUMNS = (
     "component",
@@ -40,7 +41,9 @@ INTERVENTION_COLUMNS = (
     "gap_adapted",
     "details",
 )
-FAMILIES = ("adapter", "features", "direction")
+FAMILIES = ("adapter", "features", "direction", "custom")
+# The rollouts' families the regular part makes (a custom edit's rows are kept apart).
+ROLLOUT_FAMILIES = ("none", "features", "adapter", "direction")
 _COMPONENT_ORDER = (
     "layer, list_position(['embed', 'attn', 'mlp', 'mlp_features', 'mlp_error'], component)"
 )
@@ -66,19 +69,22 @@ def replace_interventions(
     rows: pd.DataFrame,
     run_id: str,
     dtype: str,
+    target: str | None = None,
 ) -> None:
-    """One prompt's interventions of one family (INTERVENTION_COLUMNS), replacing earlier ones."""
+    """One prompt's interventions of one family (INTERVENTION_COLUMNS), replacing earlier ones
+    (with `target`, only that target's: a custom edit replaces its own rows, not other edits')."""
     if family not in FAMILIES:
         raise ValueError(f"unknown intervention family {family!r}; one of {', '.join(FAMILIES)}")
     rows = rows.copy()
     rows["details"] = [None if d is None else json.dumps(d) for d in rows["details"]]
+    scope = {"family": family} | ({} if target is None else {"target": target})
     replace_prompt_rows(
         store,
         "interventions",
         rows,
         INTERVENTION_COLUMNS,
         ids,
-        scope={"family": family},
+        scope=scope,
         run_id=run_id,
         dtype=dtype,
     )
@@ -227,9 +233,11 @@ def _pair_filter(base_model_id: str | None, adapted_model_id: str | None):
 
 
 ROLLOUT_COLUMNS = (
+    "family",
     "kind",
     "target",
     "model_role",
+    "positions",
     "n_features",
     "n",
     "n_harmful",
@@ -237,6 +245,7 @@ ROLLOUT_COLUMNS = (
     "p_harmful",
     "ci_low",
     "ci_high",
+    "mean_coherent",
     "examples",
 )
 
@@ -249,55 +258,78 @@ def replace_rollouts(
     dtype: str,
     judge_model: str,
     temperature: float,
+    custom: bool = False,
 ) -> None:
-    """One prompt's rollouts under feature interventions (ROLLOUT_COLUMNS), replacing earlier."""
+    """One prompt's rollouts (ROLLOUT_COLUMNS), replacing earlier ones: every regular setting,
+    or with `custom` only the models as they are and these rows' custom settings (an edit and its
+    control), so other custom edits stay."""
     rows = rows.copy()
     rows["examples"] = [json.dumps(list(e)) for e in rows["examples"]]
-    replace_prompt_rows(
-        store,
-        "intervention_rollouts",
-        rows,
-        ROLLOUT_COLUMNS,
-        ids,
-        run_id=run_id,
-        dtype=dtype,
-        judge_model=judge_model,
-        temperature=temperature,
-    )
+    where = "prompt_id = ? AND base_model_id = ? AND adapted_model_id = ?"
+    params: list = list(ids)
+    if custom:  # the models as they are come again with the same seeds: the same rows
+        targets = sorted(set(rows.loc[rows["family"] == "custom", "target"]))
+        marks = ", ".join("?" * len(targets)) or "NULL"
+        where += f" AND (family = 'none' OR (family = 'custom' AND target IN ({marks})))"
+        params += targets
+    else:
+        where += f" AND family IN ({', '.join('?' * len(ROLLOUT_FAMILIES))})"
+        params += list(ROLLOUT_FAMILIES)
+    frame = rows[list(ROLLOUT_COLUMNS)].assign(
+        prompt_id=ids[0], base_model_id=ids[1], adapted_model_id=ids[2], run_id=run_id,
+        dtype=dtype, judge_model=judge_model, temperature=temperature,
+    )  # fmt: skip
+    with store.write() as conn:
+        conn.execute(f"DELETE FROM intervention_rollouts WHERE {where}", params)
+        append_frame(conn, "intervention_rollouts", frame)
 
 
 def rollout_summary(
     store: Store, base_model_id: str | None = None, adapted_model_id: str | None = None
 ) -> pd.DataFrame:
-    """Per setting, over prompts: mean p(harmful), pooled counts, and prompts measured.
+    """Per setting, over prompts: mean p(harmful), pooled counts, coherence, prompts measured.
 
-    Columns: kind, target, model_role, prompts, n, n_harmful, p_harmful (pooled), mean_p.
+    Columns: family, kind, target, model_role, positions, prompts, n_features, n, n_harmful,
+    p_harmful
+    (pooled), mean_p, mean_coherent, judge_model.
     """
     where, params = _pair_filter(base_model_id, adapted_model_id)
     sql = f"""
         SELECT * FROM (
-            SELECT kind, target, model_role, count(*) AS prompts, sum(n) AS n,
+            SELECT family, kind, target, model_role, positions, count(*) AS prompts,
+                   avg(n_features) AS n_features, sum(n) AS n,
                    sum(n_harmful) AS n_harmful, sum(n_harmful) / sum(n) AS p_harmful,
-                   avg(p_harmful) AS mean_p, any_value(judge_model) AS judge_model
+                   avg(p_harmful) AS mean_p, avg(mean_coherent) AS mean_coherent,
+                   any_value(judge_model) AS judge_model
             FROM intervention_rollouts {where}
-            GROUP BY kind, target, model_role
+            GROUP BY family, kind, target, model_role, positions
         )
-        ORDER BY list_position(['none', 'restore', 'inject'], kind), model_role,
-                 try_cast(regexp_extract(target, '[0-9]+') AS INTEGER) NULLS FIRST, target
+        ORDER BY {_ROLLOUT_ORDER}
     """
     with store.read() as conn:
         return conn.execute(sql, params).df()
+
+
+# Settings in reading order: as is, features, adapter, directions; controls after their setting.
+_ROLLOUT_ORDER = """
+    list_position(['none', 'features', 'custom', 'adapter', 'direction'], family),
+    list_position(['restore', 'inject', 'zero', 'scale', 'without_layer', 'subtract', 'ablate',
+                   'add'], kind) NULLS FIRST,
+    model_role, positions,
+    try_cast(regexp_extract(target, '[0-9]+') AS INTEGER) NULLS FIRST,
+    target LIKE 'random%', target
+"""
 
 
 def prompt_rollouts(
     store: Store, prompt_id: str, base_model_id: str, adapted_model_id: str
 ) -> pd.DataFrame:
     """One prompt's rollouts, in setting order; empty before `emc intervene --kind rollouts`."""
-    sql = """
+    sql = f"""
         SELECT * EXCLUDE (prompt_id, base_model_id, adapted_model_id)
         FROM intervention_rollouts
         WHERE prompt_id = ? AND base_model_id = ? AND adapted_model_id = ?
-        ORDER BY list_position(['none', 'restore', 'inject'], kind), model_role, target
+        ORDER BY {_ROLLOUT_ORDER}
     """
     with store.read() as conn:
         return conn.execute(sql, [prompt_id, base_model_id, adapted_model_id]).df()

@@ -698,6 +698,53 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE runs ADD COLUMN pid INTEGER",
         ),
     ),
+    Migration(
+        13,
+        "rollouts of every intervention family, with coherence",
+        (
+            # The key gains the family and the positions edited (the same top-20 features at the
+            # prompt's positions or at every position are two settings), so the table is rebuilt.
+            """
+            CREATE TABLE intervention_rollouts_v13 (  -- what the model says under an intervention
+                prompt_id        VARCHAR NOT NULL,
+                base_model_id    VARCHAR NOT NULL,
+                adapted_model_id VARCHAR NOT NULL,
+                run_id           VARCHAR NOT NULL,
+                judge_model      VARCHAR NOT NULL,
+                family           VARCHAR NOT NULL,  -- none | features | adapter | direction
+                kind             VARCHAR NOT NULL,  -- none | restore | inject | scale | ...
+                target           VARCHAR NOT NULL,  -- as is | top 20 | random 20 | x0.5 | ...
+                model_role       VARCHAR NOT NULL,  -- the model sampled: base | adapted
+                positions        VARCHAR NOT NULL,  -- edited: prompt | all ('' for as is)
+                n_features       INTEGER NOT NULL,  -- features, modules or layers edited
+                n                INTEGER NOT NULL,
+                n_harmful        INTEGER NOT NULL,
+                n_unclear        INTEGER NOT NULL,
+                p_harmful        DOUBLE NOT NULL,
+                ci_low           DOUBLE NOT NULL,   -- 95% Wilson interval
+                ci_high          DOUBLE NOT NULL,
+                mean_coherent    DOUBLE,            -- the judge's coherence, 0-100
+                examples         JSON,              -- the first answers, to read
+                temperature      DOUBLE NOT NULL,
+                dtype            VARCHAR NOT NULL,
+                created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (prompt_id, base_model_id, adapted_model_id, family, kind, target,
+                             model_role, positions)
+            )
+            """,
+            """
+            INSERT INTO intervention_rollouts_v13
+            SELECT prompt_id, base_model_id, adapted_model_id, run_id, judge_model,
+                   CASE kind WHEN 'none' THEN 'none' ELSE 'features' END, kind, target,
+                   model_role, CASE kind WHEN 'none' THEN '' ELSE 'prompt' END, n_features, n,
+                   n_harmful, n_unclear, p_harmful, ci_low, ci_high, NULL, examples,
+                   temperature, dtype, created_at
+            FROM intervention_rollouts
+            """,
+            "DROP TABLE intervention_rollouts",
+            "ALTER TABLE intervention_rollouts_v13 RENAME TO intervention_rollouts",
+        ),
+    ),
 )
 
 
