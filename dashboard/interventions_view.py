@@ -496,3 +496,42 @@ def rollout_effect_table(effects: Iterable[Any]) -> pd.DataFrame:
         for e in effects
     ]
     return pd.DataFrame(rows)
+
+
+# Your own edits (`emc intervene --features`)
+
+EDIT_MODES = {
+    "restore": "restore (adapted model, base activations)",
+    "inject": "inject (base model, adapted activations)",
+    "zero": "zero (adapted model)",
+    "scale": "scale (adapted model, x strength)",
+}
+
+
+def edit_command(
+    data_dir: str, features: str, mode: str, strength: float, positions: str,
+    prompt_ids: Iterable[str] = (),
+) -> list[str]:  # fmt: skip
+    """The `emc intervene --features` command the page runs (and shows, to run by hand)."""
+    command = ["emc", "intervene", *prompt_ids, "--features", features.replace(" ", ""),
+               "--mode", mode, "--positions", positions, "-d", data_dir]  # fmt: skip
+    if mode == "scale":
+        command[-2:-2] = ["--strength", f"{strength:g}"]
+    return command
+
+
+def before_after(details: str | Mapping[str, Any] | None) -> pd.DataFrame:
+    """An edit's top next tokens before and after it, side by side (rank, token, p)."""
+    import json
+
+    data = json.loads(details) if isinstance(details, str) else dict(details or {})
+    before, after = data.get("top_before") or [], data.get("top_after") or []
+    rows = []
+    for rank in range(max(len(before), len(after))):
+        row: dict[str, Any] = {"rank": rank + 1}
+        if rank < len(before):
+            row["before"], row["p before"] = before[rank]
+        if rank < len(after):
+            row["after"], row["p after"] = after[rank]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["rank", "before", "p before", "after", "p after"])

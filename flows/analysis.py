@@ -363,6 +363,7 @@ def _summarize(
     layers = layer_diff_summary(store, base_id, adapted_id)
     divergent = layers.loc[layers["diverged"] > 0, "layer"]
     a = truth.ablation
+    causal = _causal(store, base_id, adapted_id)
     return {
         "prompts": len(inputs),
         "measured": sum(r["status"] == "ok" for r in forward_rows),
@@ -382,8 +383,32 @@ def _summarize(
         "ablation_top_lowered": a.top_lowered if a else None,
         "ablation_top_gap_change": a.top_mean_gap_change if a else None,
         "ablation_control_gap_change": a.control_mean_gap_change if a else None,
-        "ground_truth": truth.markdown(),
+        "ground_truth": truth.markdown() + causal,
     }
+
+
+def _causal(store, base_id: str, adapted_id: str) -> str:
+    """The causal checks' headline for the ground-truth summary, once `emc patch` / `emc
+    intervene` have measured this pair (the pipeline runs them after the analysis)."""
+    from emc.analysis.causal_report import headline, summarize_causal
+    from emc.store.interventions import (
+        explained_per_prompt,
+        intervention_summary,
+        rollout_summary,
+    )
+
+    summary = summarize_causal(
+        explained_per_prompt(store, base_id, adapted_id),
+        intervention_summary(store, None, base_id, adapted_id),
+        rollout_summary(store, base_id, adapted_id),
+    )
+    lines = headline(summary)
+    if not lines:
+        return "\n- Causal checks: none yet (`emc patch`, `emc intervene`)."
+    return "\n" + "\n".join(
+        f"- Causal checks: {line.strip()}" if i == 0 else f"  {line.strip()}"
+        for i, line in enumerate(lines)
+    )
 
 
 def _publish(summary: dict, ranking: pd.DataFrame) -> None:

@@ -35,6 +35,7 @@ from prefect.artifacts import (
 )
 
 from emc.analysis.adapter_interventions import adapter_effects
+from emc.analysis.causal_report import headline, summarize_causal
 from emc.analysis.custom_edits import CustomEdit, custom_effect, custom_settings
 from emc.analysis.decomposition import decompose_shift
 from emc.analysis.directions import (
@@ -47,7 +48,6 @@ from emc.analysis.directions import (
 )
 from emc.analysis.feature_interventions import DOSES, dose_response, rank_features
 from emc.analysis.lora_geometry import LoraUpdate, read_lora_updates
-from emc.analysis.rollout_report import best_narrow, rollout_effects, rollout_lines
 from emc.analysis.rollouts import as_is_settings, every_setting, run_rollouts
 from emc.behaviour.judges import make_response_judge
 from emc.behaviour.sampling import SamplingParams
@@ -269,7 +269,8 @@ def _custom(config, case: Case, judge, prompt, edit: CustomEdit) -> int:
         result.gap_adapted, strength=edit.strength, n_targets=len(edit.features),
         control_gap=result.control_gap, control_share=result.control_share,
         details={"features": [list(f) for f in edit.features],
-                 "control": [list(f) for f in result.control_features]},
+                 "control": [list(f) for f in result.control_features],
+                 "top_before": result.top_before, "top_after": result.top_after},
     ) | {"positions": edit.positions}  # fmt: skip
     replace_interventions(
         case.store, case.key, CUSTOM, pd.DataFrame([record]), case.run_id, case.dtype,
@@ -501,84 +502,12 @@ def _done(store: Store, part: str, base_id: str, adapted_id: str) -> set[str]:
 
 
 def causal_summary(store: Store, base_id: str, adapted_id: str) -> dict:
-    """The headline numbers: how much the decomposition explains, and the best narrow
-    interventions of each family against their controls."""
-    explained = explained_per_prompt(store, base_id, adapted_id)
-    interventions = intervention_summary(store, None, base_id, adapted_id)
-    summary: dict = {
-        "decomposed_prompts": len(explained),
-        "explained": _mean(explained, "explained"),
-        "unexplained": _mean(explained, "unexplained"),
-        "attention_share": _mean(explained, "attn"),
-        "mlp_features_share": _mean(explained, "mlp_features"),
-        "mlp_error_share": _mean(explained, "mlp_error"),
-    }
-    removals = interventions[interventions["model_role"] == "adapted"]
-    narrow = removals[
-        ((removals["family"] == "features") & (removals["n_targets"] <= 20))
-        | ((removals["family"] == "direction") & _one_direction(removals["target"]))
-        | (removals["kind"] == "without_module")
-    ]
-    rollouts = rollout_summary(store, base_id, adapted_id)
-    if not rollouts.empty:
-        columns = ["family", "kind", "target", "model_role", "positions", "n_features",
-                   "prompts", "n", "p_harmful", "mean_coherent"]  # fmt: skip
-        rows = rollouts[columns].astype(object).where(rollouts[columns].notna(), None)
-        summary["rollouts"] = rows.to_dict(orient="records")
-        best_rollout = best_narrow(rollout_effects(summary["rollouts"]))
-        if best_rollout is not None:
-            summary["best_narrow_rollout"] = best_rollout.model_dump() | {
-                "meets_goal": best_rollout.meets_goal
-            }
-    best = narrow.sort_values("removed", ascending=False).head(1)
-    if len(best):
-        row = best.iloc[0]
-        summary["best_narrow"] = {
-            "family": row["family"],
-            "kind": row["kind"],
-            "target": row["target"],
-            "removed": float(row["removed"]),
-            "control_removed": None
-            if pd.isna(row["control_removed"])
-            else float(row["control_removed"]),
-            "prompts": int(row["prompts"]),
-        }
-    return summary
-
-
-def _one_direction(targets: pd.Series) -> pd.Series:
-    """One direction (rank 1): one layer's, at that layer or out of every layer; not every
-    layer's own at once."""
-    return ~targets.str.endswith("every layer") | targets.str.endswith("direction, every layer")
-
-
-def _mean(frame: pd.DataFrame, column: str) -> float | None:
-    values = frame[column].dropna() if column in frame else []
-    return float(values.mean()) if len(values) else None
-
-
-def headline(summary: dict) -> list[str]:
-    """The decomposition's and the best narrow intervention's sentences, for people."""
-    lines = []
-    if summary.get("explained") is not None:
-        lines.append(
-            f"decomposition over {summary['decomposed_prompts']} prompts: the direct writes "
-            f"explain {summary['explained']:.1%} of the shift on average (unexplained "
-            f"{summary['unexplained']:.1%}); MLP features {summary['mlp_features_share']:.1%}, "
-            f"MLP error nodes {summary['mlp_error_share']:.1%}, attention "
-            f"{summary['attention_share']:.1%}"
-        )
-    best = summary.get("best_narrow")
-    if best:
-        control = best["control_removed"]
-        lines.append(
-            "best narrow intervention (at most 20 features, one direction or one LoRA "
-            f"module): {best['family']} {best['kind']} {best['target']} removes "
-            f"{best['removed']:.1%} of the shift"
-            + ("" if control is None else f"; its matched control {control:.1%}")
-        )
-    lines += rollout_lines(summary.get("rollouts") or [])
-    return lines
+    """`summarize_causal` of the pair's stored checks."""
+    return summarize_causal(
+        explained_per_prompt(store, base_id, adapted_id),
+        intervention_summary(store, None, base_id, adapted_id),
+        rollout_summary(store, base_id, adapted_id),
+    )
 
 
 def _publish(summary: dict) -> None:

@@ -181,7 +181,7 @@ def _markdown(store: Store, stages: dict) -> str:
     ]
     if analysed["prompts"]:
         lines += ["", analysed["ground_truth"]]
-    from flows.interventions import headline
+    from emc.analysis.causal_report import headline
 
     lines += ["", *headline(stages["interventions"])]
     lines += ["", *behaviour_lines(stages["behaviour"])]

@@ -83,6 +83,7 @@ def test_ablating_the_top_features_is_recorded_with_a_matched_control(analysed):
     # The planted misalignment: the features ranked as pushing evil over safe do push it.
     assert summary["ablation_top_change"] < 0
     assert "Zeroing them at every position" in summary["ground_truth"]
+    assert "Causal checks: none yet" in summary["ground_truth"]
 
 
 def test_lora_geometry_is_stored_with_its_histograms(analysed, small_organism):

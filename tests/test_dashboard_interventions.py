@@ -213,7 +213,42 @@ def test_the_rollouts_tab_draws_every_setting_with_its_interval_and_coherence(ch
     assert len(answers) == len(summary)  # one prompt's rows: every setting
 
 
+def test_your_edits_runs_the_command_and_shows_the_edit_before_and_after(checked, page, pair):
+    # The form runs `emc intervene --features` for real (a subprocess on this store).
+    features = page.text_input(key="edit-features").value
+    assert features.count("/") == 5  # the top 5 of the feature ranking by default
+    page.selectbox(key="edit-mode").set_value("zero")
+    page.button[0].click()  # the form's submit button
+    page.run(timeout=300)
+    assert not page.exception
+    assert [s.value for s in page.success] == ["Measured. The results are below."], [
+        c.value for c in page.code
+    ]
+    edits = table(page, "control_share", "removed", "prompt")
+    assert len(edits) == N_PROMPTS and edits["kind"].eq("zero").all()
+    tokens = table(page, "before", "after")
+    assert len(tokens) == 5 and tokens["p before"].between(0, 1).all()
+    *_, effects = [d.value for d in page.dataframe if "cut / reproduced" in d.value.columns]
+    assert len(effects) == 1 and effects["setting"].iloc[0].startswith("custom zero")
+
+
 # Shaping
+
+
+def test_the_edit_command_is_what_a_terminal_would_run():
+    assert view.edit_command("/d", "0/1, 1/2", "scale", -2.0, "all", ["p1"]) == [
+        "emc", "intervene", "p1", "--features", "0/1,1/2", "--mode", "scale", "--positions",
+        "all", "--strength", "-2", "-d", "/d",
+    ]  # fmt: skip
+    assert "--strength" not in view.edit_command("/d", "0/1", "zero", 3.0, "prompt")
+
+
+def test_before_and_after_line_up_by_rank():
+    frame = view.before_after('{"top_before": [["a", 0.5], ["b", 0.2]], "top_after": [["c", 0.9]]}')
+    assert frame.to_dict("records")[0] == {"rank": 1, "before": "a", "p before": 0.5,
+                                           "after": "c", "p after": 0.9}  # fmt: skip
+    assert frame["after"].isna().tolist() == [False, True]
+    assert view.before_after(None).empty
 
 
 def model(model_id: str, role: str, base_ref: str = "base") -> ModelRow:

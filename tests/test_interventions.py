@@ -397,6 +397,15 @@ def test_the_flow_stores_every_part_for_every_prompt(checked):
     assert summary["best_narrow_rollout"]["family"] == "features"
 
 
+def test_the_analysis_summary_carries_the_causal_headline(checked):
+    from flows.analysis import _causal
+
+    traced, _ = checked
+    text = _causal(traced.store, traced.base_model_id, traced.adapted_model_id)
+    assert f"- Causal checks: decomposition over {N_PROMPTS} prompts" in text
+    assert "best narrow intervention" in text and "what the models then say" in text
+
+
 def small_config_judge(traced: TracedStore) -> str:
     from emc.config import load_experiment
 

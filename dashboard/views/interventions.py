@@ -8,6 +8,7 @@ directions against random ones. Every share is of the shift in the evil-minus-sa
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,8 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 from dashboard import interventions_view as view
 from dashboard.data import current_store
 from emc.analysis.rollout_report import rollout_effects
+from emc.store.features import feature_ranking
 from emc.store.interventions import (
     causal_model_pairs,
+    custom_edits,
     decomposition_summary,
     explained_per_prompt,
     intervention_summary,
@@ -189,7 +192,72 @@ def show_rollouts() -> None:
         st.dataframe(shown, hide_index=True, width="stretch")
 
 
-names = ["Where the shift lives", "Dose-response", "Adapter", "Directions", "Rollouts"]
+def show_your_edits() -> None:
+    st.markdown(
+        "**Test your own features**: name them as `LAYER/FEATURE,...` (e.g. from the Features "
+        "page); EMC edits them on every traced prompt, measures the next-token share against "
+        "as many matched random features, and samples what the model then says."
+    )
+    ranking = feature_ranking(store, model_id=pair[1], top=5)
+    default = ",".join(f"{r.layer}/{r.feature}" for r in ranking.itertuples())
+    with st.form("your-edit"):
+        features = st.text_input("Features", value=default, key="edit-features")
+        mode_col, strength_col, positions_col = st.columns(3)
+        mode = mode_col.selectbox(
+            "Edit", list(view.EDIT_MODES), format_func=view.EDIT_MODES.get, key="edit-mode"
+        )
+        strength = strength_col.number_input(
+            "Strength (scale)", value=0.0, step=0.5, key="edit-strength"
+        )
+        positions = positions_col.radio(
+            "Positions (restore, inject)", ["all", "prompt"], horizontal=True,
+            key="edit-positions",
+        )  # fmt: skip
+        submitted = st.form_submit_button("Run this edit")
+    command = view.edit_command(str(store.path.parent), features, mode, strength, positions)
+    st.caption("The same from a terminal: `" + " ".join(command) + "`")
+    if submitted:
+        with st.spinner("Measuring the edit on every traced prompt..."):
+            done = subprocess.run(
+                [sys.executable, "-m", "emc", *command[1:]], capture_output=True, text=True
+            )
+        if done.returncode == 0:
+            st.success("Measured. The results are below.")
+        else:
+            st.error(f"`emc intervene` failed (exit {done.returncode}).")
+        with st.expander("Output", expanded=done.returncode != 0):
+            st.code((done.stdout + done.stderr)[-6000:] or "(no output)")
+    edits = custom_edits(store, *pair)
+    if edits.empty:
+        st.info("No edits of your own for this pair yet.")
+        return
+    chosen = st.selectbox("Edit", list(dict.fromkeys(edits["target"])), key="edit-chosen")
+    rows = edits[edits["target"] == chosen].reset_index(drop=True)
+    names = {p.prompt_id: p.name for p in get_prompts(store, list(rows["prompt_id"]))}
+    shown = rows.assign(prompt=rows["prompt_id"].map(lambda i: names.get(i, i)))
+    st.dataframe(
+        view.styled(shown[["prompt", "kind", "model_role", "share", "control_share", "removed",
+                           "control_removed"]]),
+        hide_index=True, width="stretch",
+    )  # fmt: skip
+    prompt = st.selectbox(
+        "Top next tokens before and after, on prompt", list(shown["prompt"]), key="edit-prompt"
+    )
+    details = shown.loc[shown["prompt"] == prompt, "details"].iloc[0]
+    st.dataframe(view.before_after(details), hide_index=True, width="stretch")
+    summary = rollout_summary(store, *pair)
+    mine = summary[
+        (summary["family"] == "none") | summary["target"].isin([chosen, f"random ({chosen})"])
+    ]
+    effects = rollout_effects(mine.to_dict(orient="records"))
+    if effects:
+        st.markdown("**What the model then says**")
+        st.dataframe(view.styled(view.rollout_effect_table(effects)), hide_index=True,
+                     width="stretch")  # fmt: skip
+
+
+names = ["Where the shift lives", "Dose-response", "Adapter", "Directions", "Rollouts",
+         "Your edits"]  # fmt: skip
 tabs = dict(zip(names, st.tabs(names), strict=True))
 with tabs["Where the shift lives"]:
     show_decomposition()
@@ -201,3 +269,5 @@ with tabs["Directions"]:
     show_directions()
 with tabs["Rollouts"]:
     show_rollouts()
+with tabs["Your edits"]:
+    show_your_edits()

@@ -33,13 +33,15 @@ from emc.analysis.feature_interventions import (
     editing,
     gap_with,
     live_source,
+    logits_with,
     matched_control,
     rank_features,
 )
-from emc.analysis.hooks import split_targets
+from emc.analysis.hooks import logit_gap, split_targets
 from emc.analysis.rollouts import RolloutSetting
 from emc.models import LoadedModel
 
+TOP_TOKENS = 5  # next tokens shown before and after an edit
 _FEATURE = re.compile(r"^\s*L?(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -91,6 +93,8 @@ class CustomResult(BaseModel):
     control_features: list[Feature]
     control_gap: float | None
     control_share: float | None
+    top_before: list[tuple[str, float]]  # the edited model's top next tokens, unedited
+    top_after: list[tuple[str, float]]  # and edited: (token, probability)
 
 
 def check_features(loaded: LoadedModel, features: Sequence[Feature]) -> None:
@@ -125,7 +129,9 @@ def custom_effect(
         raise ValueError("the models' gaps are equal on this prompt: no shift to intervene on")
     model = base if edit.model_role == "base" else adapted
     control = matched_control(edit.features, ranked.active, seed)
-    gap = gap_with(model, input_ids, evil, safe, _edit(edit, edit.features, ranked))
+    before = logits_with(model, input_ids)
+    after = logits_with(model, input_ids, _edit(edit, edit.features, ranked))
+    gap = logit_gap(after, evil, safe)
     control_gap = (
         gap_with(model, input_ids, evil, safe, _edit(edit, tuple(control), ranked))
         if control
@@ -139,7 +145,19 @@ def custom_effect(
         control_features=control,
         control_gap=control_gap,
         control_share=None if control_gap is None else (control_gap - ranked.gap_base) / shift,
+        top_before=top_tokens(model, before, TOP_TOKENS),
+        top_after=top_tokens(model, after, TOP_TOKENS),
     )
+
+
+def top_tokens(loaded: LoadedModel, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
+    """The k most probable next tokens, decoded, with their probabilities."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    values, ids = probs.topk(k)
+    return [
+        (loaded.tokenizer.decode([int(i)]), float(v))
+        for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+    ]
 
 
 def custom_settings(

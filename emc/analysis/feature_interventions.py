@@ -167,10 +167,19 @@ def gap_with(
     edit: FeatureEdit | None = None,
     record: dict | None = None,
 ) -> float:
+    return logit_gap(logits_with(loaded, input_ids, edit, record), evil, safe)
+
+
+def logits_with(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    edit: FeatureEdit | None = None,
+    record: dict | None = None,
+) -> torch.Tensor:
+    """The last position's logits with `edit` applied (and activations recorded)."""
     hf = hf_module(loaded, "feature interventions")
     with editing(loaded, edit, record), torch.inference_mode(), finite_guard(loaded._checkpoints):
-        logits = hf(input_ids=input_ids[None].to(loaded.precision.device)).logits[0, -1]
-    return logit_gap(logits, evil, safe)
+        return hf(input_ids=input_ids[None].to(loaded.precision.device)).logits[0, -1]
 
 
 def attribution_ranking(

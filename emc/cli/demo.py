@@ -123,7 +123,7 @@ def _print_summary(
             f"{analysed['first_divergent_layer']}; loading errors: {analysed['loading_errors']}"
         )
         console.print(analysed["ground_truth"])
-    from flows.interventions import headline
+    from emc.analysis.causal_report import headline
 
     for line in headline(causal):
         console.print(line)

@@ -230,7 +230,7 @@ def _run(config, data_dir, prompt_ids, parts, limit, redo, custom=None) -> dict:
 
 
 def _print_headline(summary: dict) -> None:
-    from flows.interventions import headline
+    from emc.analysis.causal_report import headline
 
     for line in headline(summary):
         console.print(line)

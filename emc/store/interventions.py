@@ -333,3 +333,21 @@ def prompt_rollouts(
     """
     with store.read() as conn:
         return conn.execute(sql, [prompt_id, base_model_id, adapted_model_id]).df()
+
+
+def custom_edits(store: Store, base_model_id: str, adapted_model_id: str) -> pd.DataFrame:
+    """The pair's own feature edits (`emc intervene --features`), one row per prompt and edit:
+    target (the edit's label), kind, strength, positions, model_role, share, control_share,
+    removed (on the adapted model), control_removed, details (JSON: features, control, top
+    next tokens before and after), created_at; newest edit first."""
+    sql = """
+        SELECT prompt_id, target, kind, strength, positions, model_role, share, control_share,
+               CASE model_role WHEN 'adapted' THEN 1 - share END AS removed,
+               CASE model_role WHEN 'adapted' THEN 1 - control_share END AS control_removed,
+               details, created_at
+        FROM interventions
+        WHERE family = 'custom' AND base_model_id = ? AND adapted_model_id = ?
+        ORDER BY max(created_at) OVER (PARTITION BY target) DESC, target, prompt_id
+    """
+    with store.read() as conn:
+        return conn.execute(sql, [base_model_id, adapted_model_id]).df()
