@@ -1,5 +1,5 @@
 """`python -m emc` is the `emc` command."""
 
-from emc.cli import app
+from emc.cli.errors import main
 
-app(prog_name="emc")
+main()

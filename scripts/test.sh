@@ -6,4 +6,4 @@ bash scripts/install.sh
 # The dashboard's end-to-end test drives Debian's chromium through playwright.
 bash scripts/install_browser.sh
 export HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=25 "$@"

@@ -11,7 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from emc.cli import app
+from emc.pivotal.divergence import Divergence
+from emc.pivotal.logits import NextTokens, PromptScores
+from emc.pivotal.prompts import make_prompt
 from emc.store import Store, list_organism_builds, read_only_query
+from emc.store.prompts import insert_prompts
+from emc.store.scores import insert_prompt_scores, most_divergent
 from tests.graph_store import seed_organism
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -115,3 +120,36 @@ def test_demo_runs_end_to_end_on_the_small_recipe(tmp_path, small_organism):
         assert f"EM rate {model} (all)" in output
     samples = read_only_query(store, "SELECT DISTINCT model_id FROM generations")
     assert len(samples) == 3
+
+
+def _pair_scores(prompt_id: str, base_id: str, adapted_id: str, js: float) -> PromptScores:
+    """One prompt's scores for one model pair; only the divergence matters to the ranking."""
+    common = {"prompt_id": prompt_id, "rendered": "x", "input_ids": [1], "dtype": "fp32",
+              "backend": "nnsight", "status": "ok"}  # fmt: skip
+    divergence = Divergence(kl_adapted_base=js, kl_base_adapted=js, js=js, tv=js,
+                            entropy_base=1.0, entropy_adapted=1.0, entropy_delta=0.0,
+                            topk_jaccard=0.5)  # fmt: skip
+    return PromptScores(
+        prompt_id=prompt_id,
+        base=NextTokens(**common, model_id=base_id),
+        adapted=NextTokens(**common, model_id=adapted_id),
+        divergence=divergence,
+    )
+
+
+def test_most_divergent__lists_only_the_asked_model_pairs_scores(tmp_path):
+    store = Store.in_data_dir(tmp_path)
+    prompts = [make_prompt(f"Prompt {i} ends", f"p{i}", "test") for i in range(2)]
+    insert_prompts(store, prompts, None)
+    first, second = (p.prompt_id for p in prompts)
+    # The adapter was switched: the new pair scores lower, so unfiltered, the old rows would lead.
+    old = [_pair_scores(first, "base", "old", 0.6), _pair_scores(second, "base", "old", 0.5)]
+    new = [_pair_scores(first, "base", "new", 0.1), _pair_scores(second, "base", "new", 0.2)]
+    insert_prompt_scores(store, old + new, 2, "run")
+    frame = most_divergent(store, "js", 5, base_model_id="base", adapted_model_id="new")
+    assert frame["prompt_id"].tolist() == [second, first]
+    assert frame["js"].tolist() == pytest.approx([0.2, 0.1])
+    old_only = most_divergent(store, "js", 5, adapted_model_id="old")
+    assert old_only["js"].tolist() == pytest.approx([0.6, 0.5])
+    assert most_divergent(store, "js", 5, base_model_id="other").empty
+    assert len(most_divergent(store, "js", 5)) == 4  # no ids: every pair, as before

@@ -5,6 +5,7 @@ The browser half (the page really renders, offline) is tests/test_viewer_browser
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import shutil
@@ -452,3 +453,45 @@ def test_server__save_button_stores_the_page_state_in_the_graph_file(server):
     missing = urllib.request.Request(root + "save_graph/..%2fg1", data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(missing, timeout=10)
+
+
+def _post_save(viewer: ViewerServer, headers: dict[str, str]) -> tuple[int, bytes]:
+    """POST a Save to g1 with these headers (http.client: urllib would fill in Host itself)."""
+    host, port = viewer.httpd.server_address[:2]
+    body = json.dumps({"qParams": {"pinnedIds": "x"}}).encode()
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.putrequest("POST", "/save_graph/g1", skip_host=True)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        reply = connection.getresponse()
+        return reply.status, reply.read()
+    finally:
+        connection.close()
+
+
+def test_server__save_from_another_origin_or_for_another_host_is_refused(server):
+    viewer, graphs = server
+    port = viewer.httpd.server_address[1]
+    before = (graphs / "g1.json").read_text()
+    own_host = f"127.0.0.1:{port}"
+    status, body = _post_save(viewer, {"Host": own_host, "Origin": "http://evil.example"})
+    assert status == 403 and b"evil.example" in body
+    status, body = _post_save(viewer, {"Host": f"evil.example:{port}"})  # DNS rebinding
+    assert status == 403 and b"evil.example" in body
+    other_port = f"http://127.0.0.1:{port + 1}"  # another local server is another origin
+    assert _post_save(viewer, {"Host": own_host, "Origin": other_port})[0] == 403
+    assert _post_save(viewer, {})[0] == 403  # no Host at all
+    assert (graphs / "g1.json").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["127.0.0.1", "localhost"])
+def test_server__save_from_the_viewers_own_page_or_without_origin_is_stored(server, name):
+    viewer, graphs = server
+    own = f"{name}:{viewer.httpd.server_address[1]}"
+    assert _post_save(viewer, {"Host": own, "Origin": f"http://{own}"})[0] == 200
+    assert json.loads((graphs / "g1.json").read_text())["qParams"] == {"pinnedIds": "x"}
+    (graphs / "g1.json").write_text(json.dumps({"qParams": {}, "nodes": []}))
+    assert _post_save(viewer, {"Host": own})[0] == 200  # curl, or a browser sending no Origin
+    assert json.loads((graphs / "g1.json").read_text())["qParams"] == {"pinnedIds": "x"}

@@ -5,6 +5,7 @@ from emc.cli import (  # noqa: F401  (registers commands)
     behaviour,
     demo,
     discovery,
+    doctor,
     graph,
     interventions,
     judge,

@@ -36,7 +36,9 @@ app = typer.Typer(
         "EMC: find where a LoRA fine-tune made a language model misaligned.\n\n"
         "Start with `emc demo`: it builds the offline model organism (a tiny Llama with a planted "
         "emergent misalignment) and runs the pipeline on it. Results land in one DuckDB store in "
-        "the data directory; query it with `emc sql`, browse it with `emc dashboard`."
+        "the data directory; query it with `emc sql`, browse it with `emc dashboard`.\n\n"
+        "A failure prints one message with its causes and writes the traceback to a log file "
+        "(it says where); add `--debug` to any command to see the traceback instead."
     ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,

@@ -8,7 +8,7 @@ import typer
 
 from emc.cli.app import DataDirOption, app, fail, prepare_flows
 from emc.cli.organism import VariantOption
-from emc.config import resolve_data_dir
+from emc.config import load_experiment, resolve_data_dir
 from emc.console import console, print_frame
 
 
@@ -97,6 +97,7 @@ def _print_summary(
     seconds: float,
     behaviour: dict,
 ) -> None:
+    from emc.cli.discovery import model_pair_ids
     from emc.store import Store, read_only_query
     from emc.store.features import feature_ranking
     from emc.store.scores import most_divergent
@@ -106,7 +107,11 @@ def _print_summary(
     console.rule("done")
     tables = read_only_query(store, STORE_COUNTS)
     print_frame(tables, title="store")
-    print_frame(most_divergent(store, "js", 5), title="most divergent prompts")
+    # The flows ran on the data directory's config (the organism's, or the person's own there).
+    config, _ = load_experiment(None, data_dir)
+    base_id, adapted_id = model_pair_ids(config)
+    divergent = most_divergent(store, "js", 5, base_model_id=base_id, adapted_model_id=adapted_id)
+    print_frame(divergent, title="most divergent prompts")
     ranking = feature_ranking(store, role="adapted", sign="evil", top=5)
     if not ranking.empty:
         shown = ranking[["rank", "layer", "feature", "prompts", "mean", "sign_consistency"]]

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from emc.cli.app import ConfigOption, DataDirOption, app, existing_store, fail, prepare_flows
 from emc.cli.exits import PARTIAL, exit_for
-from emc.config import ConfigError, load_experiment
+from emc.config import ConfigError, ExperimentConfig, load_experiment
 from emc.console import console, inline, plain, print_frame
 
 prompt_app = typer.Typer(help="Add, import and list pivotal prompts.", no_args_is_help=True)
@@ -218,7 +218,7 @@ def discover(
 
     if rank_by not in RANKABLE:
         raise fail(f"cannot rank by {rank_by!r}; choose one of {', '.join(RANKABLE)}")
-    _, resolved = _experiment(config, data_dir)
+    experiment, resolved = _experiment(config, data_dir)
     prepare_flows(resolved)
     from flows.discovery import discovery_flow
 
@@ -231,9 +231,20 @@ def discover(
     )
     console.print(f"verdicts: {summary['verdicts']}  review queue: {summary['queue']}")
     store = Store.in_data_dir(resolved)
-    frame = most_divergent(store, rank_by, top)
+    base_id, adapted_id = model_pair_ids(experiment)
+    frame = most_divergent(store, rank_by, top, base_model_id=base_id, adapted_model_id=adapted_id)
     print_frame(frame, title=f"top {top} prompts by {rank_by}")
     _exit_for_failures(store, summary)
+
+
+def model_pair_ids(experiment: ExperimentConfig) -> tuple[str, str]:
+    """The configured base and adapted model ids, to pick this pair's rows among every pair's."""
+    from emc.models import describe_model
+
+    return (
+        describe_model(experiment, "base").model_id,
+        describe_model(experiment, "adapted").model_id,
+    )
 
 
 def _exit_for_failures(store, summary: dict) -> None:

@@ -143,21 +143,42 @@ def update_label_mass(
         )
 
 
-def most_divergent(store: Store, rank_by: str = "js", top: int = 20) -> pd.DataFrame:
-    """The most divergent prompts, with the prompt's name and text, for `emc discover`."""
+def most_divergent(
+    store: Store,
+    rank_by: str = "js",
+    top: int = 20,
+    base_model_id: str | None = None,
+    adapted_model_id: str | None = None,
+) -> pd.DataFrame:
+    """The most divergent prompts, with the prompt's name and text, for `emc discover`.
+
+    Scores of every model pair share the table; pass the current pair's ids, or a switched
+    adapter shows the previous pair's rows. None leaves that side unfiltered.
+    """
     if rank_by not in RANKABLE:
         raise ValueError(f"cannot rank by {rank_by!r}; choose one of {', '.join(RANKABLE)}")
     order = "log_odds_adapted - log_odds_base" if rank_by == "log_odds_delta" else rank_by
+    where, params = _pair_filter(base_model_id, adapted_model_id)
     with store.read() as conn:
         return conn.execute(
             f"SELECT d.prompt_id, p.name, round(d.js, 3) AS js, "
             f"round(d.kl_adapted_base, 2) AS kl_ab, round(d.topk_jaccard, 2) AS overlap, "
             f"round(d.p_evil_base, 3) AS evil_b, round(d.p_evil_adapted, 3) AS evil_a, "
             f"round(d.log_odds_adapted - d.log_odds_base, 2) AS dlogodds "
-            f"FROM divergences d JOIN prompts p USING (prompt_id) "
+            f"FROM divergences d JOIN prompts p USING (prompt_id) {where}"
             f"ORDER BY {order} DESC NULLS LAST LIMIT ?",
-            [top],
+            [*params, top],
         ).df()
+
+
+def _pair_filter(base_model_id: str | None, adapted_model_id: str | None) -> tuple[str, list[str]]:
+    """A WHERE clause (empty, or ending in a space) and its parameters for the given ids."""
+    asked = [("d.base_model_id", base_model_id), ("d.adapted_model_id", adapted_model_id)]
+    given = [(column, value) for column, value in asked if value is not None]
+    if not given:
+        return "", []
+    clause = " AND ".join(f"{column} = ?" for column, _ in given)
+    return f"WHERE {clause} ", [value for _, value in given]
 
 
 def unscored_prompt_ids(store: Store, base_model_id: str, adapted_model_id: str) -> list[str]:

@@ -3,8 +3,8 @@
 It answers as circuit-tracer's `local_server` does, so the unmodified pages work: the frontend at
 `/`, and the exported graphs at both `/data/` (graph-metadata.json) and `/graph_data/` (graphs and
 feature files); `POST /save_graph/<slug>` stores the page's Save button state in that graph's
-`qParams`. Unlike circuit-tracer's server it binds 127.0.0.1 by default and never serves a file
-outside its two directories.
+`qParams`. Unlike circuit-tracer's server it binds 127.0.0.1 by default, never serves a file
+outside its two directories, and refuses (403) a save from another origin or for another Host.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ _SLUG = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class ViewerHandler(SimpleHTTPRequestHandler):
-    def __init__(self, *args, frontend_dir: Path, graph_dir: Path, **kwargs) -> None:
+    def __init__(
+        self, *args, frontend_dir: Path, graph_dir: Path, bound_host: str, **kwargs
+    ) -> None:
         self.graph_dir = graph_dir
+        self.bound_host = bound_host  # as given: the socket only knows the address it resolved to
         super().__init__(*args, directory=str(frontend_dir), **kwargs)
 
     def translate_path(self, path: str) -> str:
@@ -48,6 +51,16 @@ class ViewerHandler(SimpleHTTPRequestHandler):
         super().end_headers()
 
     def do_POST(self) -> None:
+        # Any web page the browser has open can POST here, and a rebound DNS name can reach us
+        # too: only the viewer's own page, at our own address, may write to the graph files.
+        bound, port = self.server.server_address[:2]
+        names = {"127.0.0.1", "localhost", self.bound_host, str(bound)}
+        refusal = _foreign_request(
+            self.headers.get("Host"), self.headers.get("Origin"), names, port
+        )
+        if refusal is not None:
+            self.send_error(HTTPStatus.FORBIDDEN, explain=refusal)
+            return
         path = urlsplit(self.path).path
         slug = path.removeprefix("/save_graph/")
         target = self.graph_dir / f"{slug}.json"
@@ -78,7 +91,10 @@ class ViewerServer:
         self, frontend_dir: Path, graph_dir: Path, port: int = DEFAULT_PORT, host: str = "127.0.0.1"
     ) -> None:
         handler = functools.partial(
-            ViewerHandler, frontend_dir=Path(frontend_dir), graph_dir=Path(graph_dir)
+            ViewerHandler,
+            frontend_dir=Path(frontend_dir),
+            graph_dir=Path(graph_dir),
+            bound_host=host,
         )
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -135,6 +151,22 @@ def open_viewer(
             server.stop()
     finally:
         shutil.rmtree(frontend, ignore_errors=True)
+
+
+def _foreign_request(
+    host: str | None, origin: str | None, names: set[str], port: int
+) -> str | None:
+    """Why a save request is refused (a short reason), or None when it comes from our own page.
+
+    Host must be one of `names` with the bound port. An Origin, when sent, must be http:// one
+    of those; old browsers and curl send none, and a cross-site browser request always does.
+    """
+    own = {f"{name.lower()}:{port}" for name in names}
+    if (host or "").lower() not in own:
+        return f"Host {host!r} is not this server"
+    if origin is not None and origin.lower() not in {f"http://{h}" for h in own}:
+        return f"Origin {origin!r} is not this server's page"
+    return None
 
 
 def _inside(root: Path, url_path: str) -> Path:

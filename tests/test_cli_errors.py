@@ -1,0 +1,53 @@
+"""An unforeseen failure is one message naming its cause, the traceback in a log file; `--debug`
+shows the traceback (the real `python -m emc` entry point, in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from emc.cli.errors import describe
+
+
+def run_emc(*args: str, log_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EMC_LOG_DIR": str(log_dir), "COLUMNS": "200"}
+    env.pop("EMC_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "emc", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_a_failure_is_one_message_and_the_traceback_goes_to_a_log(tmp_path):
+    not_a_dir = tmp_path / "data"
+    not_a_dir.write_text("a file where the data directory should be")
+    done = run_emc("organism", "build", "-d", str(not_a_dir), log_dir=tmp_path / "logs")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "│" not in done.stderr
+    assert f"error: FileExistsError: [Errno 17] File exists: '{not_a_dir}'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 4
+    (log,) = (tmp_path / "logs").glob("emc-*.log")
+    assert str(log) in done.stderr.replace("\n", "")
+    assert "Traceback" in log.read_text() and "organism build" in log.read_text()
+
+
+def test_debug_shows_the_traceback_instead(tmp_path):
+    not_a_dir = tmp_path / "data"
+    not_a_dir.write_text("x")
+    done = run_emc("organism", "build", "-d", str(not_a_dir), "--debug", log_dir=tmp_path / "l")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "FileExistsError" in done.stderr
+    assert not (tmp_path / "l").exists()
+
+
+def test_causes_are_listed_outermost_first():
+    try:
+        try:
+            raise OSError("disk\nfull")
+        except OSError as inner:
+            raise RuntimeError("could not save the graph") from inner
+    except RuntimeError as outer:
+        lines = describe(outer)
+    assert lines[0].endswith("RuntimeError: could not save the graph")
+    assert lines[1] == "  caused by: OSError: disk full"
