@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -363,29 +364,18 @@ def response_feature_ranking(
         ranking_overlap,
         response_ids,
     )
-    from emc.store.behaviour import generations as all_generations
     from emc.store.behaviour import replace_response_features
     from emc.store.features import feature_ranking
 
     store = Store.in_data_dir(data_dir)
     model_id = describe_model(config, role).model_id
     judge_model = response_judge_id(config)
-    scored = scored_generations(store, judge_model, model_ids=[model_id])
-    scored = scored[scored["purpose"].isin(["em_eval", "imported"])]
-    b = config.behaviour
-    answers = em_answers(scored, b.em_aligned_below, b.em_coherent_above)
-    answers = answers[answers["counted"]]
-    answers = (
-        answers.sort_values("generation_id").groupby("misaligned", group_keys=False).head(per_side)
-    )
+    answers, texts = sampled_em_answers(store, config, model_id, per_side)
     n_mis = int(answers["misaligned"].sum())
     n_al = len(answers) - n_mis
     if n_mis < 2 or n_al < 2:
         reason = f"{n_mis} misaligned and {n_al} aligned answers (need 2 of each)"
         return {"model_id": model_id, "status": "skipped", "reason": reason}
-    texts = all_generations(
-        store, model_ids=[model_id], generation_ids=answers["generation_id"].tolist()
-    ).set_index("generation_id")
     with gpu_slot():
         loaded = cached_model(config, role)
         vectors = []
@@ -415,6 +405,29 @@ def response_feature_ranking(
             "aligned": int((~flags).sum()), "overlap_with_pivotal": overlap,
             "top": ranking.head(5)[["layer", "feature", "mean_diff", "cohens_d"]]
             .to_dict(orient="records")}  # fmt: skip
+
+
+def sampled_em_answers(
+    store: Store, config, model_id: str, per_side: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The model's judged EM answers that count (with their `misaligned` flag), at most
+    `per_side` of each side, the first by generation id so a re-run reads the same ones; and
+    their generations (context, text, token ids) indexed by generation id. Response features
+    and the interventions' response direction read the same answers."""
+    from emc.store.behaviour import generations
+
+    scored = scored_generations(store, response_judge_id(config), model_ids=[model_id])
+    scored = scored[scored["purpose"].isin(["em_eval", "imported"])]
+    b = config.behaviour
+    answers = em_answers(scored, b.em_aligned_below, b.em_coherent_above)
+    answers = answers[answers["counted"]]
+    answers = (
+        answers.sort_values("generation_id").groupby("misaligned", group_keys=False).head(per_side)
+    )
+    texts = generations(
+        store, model_ids=[model_id], generation_ids=answers["generation_id"].tolist()
+    ).set_index("generation_id")
+    return answers, texts
 
 
 def _generate(config, data_dir, roles, prompt_ids, samples, run_id):

@@ -364,23 +364,12 @@ def _directions(base, adapted, prompts: Sequence[PromptInputs]) -> dict[str, tor
 def _response_direction(config, store: Store, adapted, per_side: int = 50):
     """The adapted model's response direction from its judged EM answers, and a note when there
     is none (no EM evaluation yet, or too few answers of one kind)."""
-    from emc.behaviour.judges import response_judge_id
     from emc.behaviour.response_features import response_ids
-    from emc.behaviour.summary import em_answers
-    from emc.store.behaviour import generations, scored_generations
+    from flows.evaluation import sampled_em_answers
 
-    model_id = adapted.identity.model_id
-    scored = scored_generations(store, response_judge_id(config), model_ids=[model_id])
-    scored = scored[scored["purpose"].isin(["em_eval", "imported"])]
-    if scored.empty:
+    answers, texts = sampled_em_answers(store, config, adapted.identity.model_id, per_side)
+    if answers.empty:
         return None, "no judged EM answers of the adapted model yet (run `emc eval em`)"
-    b = config.behaviour
-    answers = em_answers(scored, b.em_aligned_below, b.em_coherent_above)
-    answers = answers[answers["counted"]].sort_values("generation_id")
-    answers = answers.groupby("misaligned", group_keys=False).head(per_side)
-    texts = generations(
-        store, model_ids=[model_id], generation_ids=answers["generation_id"].tolist()
-    ).set_index("generation_id")
     sides: dict[bool, list[torch.Tensor]] = {True: [], False: []}
     for generation_id, misaligned in zip(answers["generation_id"], answers["misaligned"],
                                          strict=True):  # fmt: skip

@@ -34,8 +34,9 @@ from emc.analysis.hooks import split_targets
 from emc.analysis.lora_geometry import read_lora_updates
 from emc.analysis.rollouts import (
     adapter_settings,
+    as_is_settings,
     direction_settings,
-    feature_rollouts,
+    feature_settings,
     run_rollouts,
 )
 from emc.behaviour.lexicon_scorer import LexiconResponseJudge
@@ -301,10 +302,10 @@ def test_rollouts_cover_every_family_with_paired_seeds_and_coherence(
     ids, targets = prompts[0]
     base, adapted = models["base"], models["adapted"]
     judge = LexiconResponseJudge("organism-lexicon:test")
-    results = feature_rollouts(
-        base, adapted, ids, targets, judge, "q", " You should", ks=(5,), n=6,
-        params=SamplingParams(max_tokens=10), positions=("prompt", "all"),
-    )  # fmt: skip
+    settings = as_is_settings(base, adapted)
+    settings += feature_settings(base, adapted, ids, targets, (5,), ("prompt", "all"))
+    params = SamplingParams(max_tokens=10)
+    results = run_rollouts(settings, ids, judge, "q", " You should", 6, params)
     assert [(r.kind, r.target, r.model_role, r.positions) for r in results] == [
         ("none", "as is", "base", ""), ("none", "as is", "adapted", ""),
         ("restore", "top 5", "adapted", "prompt"), ("restore", "random 5", "adapted", "prompt"),

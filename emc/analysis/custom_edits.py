@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +29,13 @@ from emc.analysis.feature_interventions import (
     FeatureEdit,
     Mode,
     RankedFeatures,
-    editing,
     gap_with,
-    live_source,
     logits_with,
     matched_control,
     rank_features,
 )
 from emc.analysis.hooks import logit_gap, split_targets
-from emc.analysis.rollouts import RolloutSetting
+from emc.analysis.rollouts import RolloutSetting, feature_hooks
 from emc.models import LoadedModel
 
 TOP_TOKENS = 5  # next tokens shown before and after an edit
@@ -174,18 +171,7 @@ def custom_settings(
         if not features:
             continue
         persistent = edit.mode in ("restore", "inject") and edit.positions == "all"
-
-        @contextmanager
-        def hooks(features=features, persistent=persistent):
-            if persistent:
-                live: dict = {}
-                sourced = FeatureEdit(edit.mode, features, edit.strength, live)
-                with live_source(other, model, live), editing(model, sourced):
-                    yield
-            else:
-                with editing(model, _edit(edit, features, ranked)):
-                    yield
-
+        hooks = feature_hooks(model, other, _edit(edit, features, ranked), persistent)
         settings.append(
             RolloutSetting("custom", edit.mode, name, edit.model_role, model, edit.positions,
                            len(features), hooks, use_cache=edit.mode in ("zero", "scale"))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -119,7 +119,8 @@ def feature_settings(
                 ("inject", "base", base, adapted, ranked.adapted_acts),
             ):
                 for name, features in ((f"top {k}", chosen), (f"random {k}", control)):
-                    hooks = _feature_hooks(model, other, mode, features, acts, where)
+                    edit = FeatureEdit(mode, features, 0, acts)
+                    hooks = feature_hooks(model, other, edit, persistent=where == "all")
                     settings.append(
                         RolloutSetting("features", mode, name, role, model, where, len(features),
                                        hooks, use_cache=False)
@@ -127,17 +128,21 @@ def feature_settings(
     return settings
 
 
-def _feature_hooks(model, other, mode, features, acts, where) -> Callable[[], Hooks]:
-    if where == "prompt":
-        return lambda: editing(model, FeatureEdit(mode, features, 0, acts))
+def feature_hooks(
+    model: LoadedModel, other: LoadedModel, edit: FeatureEdit, persistent: bool
+) -> Callable[[], Hooks]:
+    """Hooks applying `edit` to `model`; `persistent` restore or inject edits read their source
+    live from `other` at every step, so generated positions are edited too."""
+    if not persistent:
+        return lambda: editing(model, edit)
 
     @contextmanager
-    def persistent():
-        live: dict = {}
-        with live_source(other, model, live), editing(model, FeatureEdit(mode, features, 0, live)):
+    def live():
+        values: dict = {}
+        with live_source(other, model, values), editing(model, replace(edit, source=values)):
             yield
 
-    return persistent
+    return live
 
 
 def adapter_settings(
@@ -278,27 +283,6 @@ def run_rollouts(
         answers = [answer_prefix + d.text for d in drawn]
         results.append(_rollout(s, answers, judge, question))
     return results
-
-
-def feature_rollouts(
-    base: LoadedModel,
-    adapted: LoadedModel,
-    input_ids: torch.Tensor,
-    targets: Mapping[int, str],
-    judge: ResponseJudge,
-    question: str,
-    answer_prefix: str,
-    ks: Sequence[int] = (20, 100),
-    n: int = 20,
-    params: SamplingParams | None = None,
-    seed: int = 0,
-    positions: Sequence[Positions] = ("prompt",),
-) -> list[Rollout]:
-    """The models as they are, then the feature settings (see the module)."""
-    settings = as_is_settings(base, adapted) + feature_settings(
-        base, adapted, input_ids, targets, ks, positions, seed
-    )
-    return run_rollouts(settings, input_ids, judge, question, answer_prefix, n, params, seed)
 
 
 def _rollout(
