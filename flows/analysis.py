@@ -8,6 +8,8 @@ adapted model at every position and, as a control, as many random active feature
 layers, and records the harmful-token probability before and after. A CPU task compares the
 adapter's output directions with the transcoders. The summary sets the ranking against all three.
 Measurements are keyed by prompt and models, so a re-run skips what is done and adds no duplicates.
+A prompt that fails a step is stored as failed with its error (the others are still measured),
+and a re-run tries it again, replacing the failed row.
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ from emc.models.factory import resolve_adapter_dir
 from emc.runs import recorded_run
 from emc.store import Store, upsert_model
 from emc.store.analysis import (
+    AblationFailure,
     AblationRecord,
     ablation_results,
     activation_delta_summary,
     insert_ablations,
     lora_features,
     measured_prompt_ids,
-    replace_activation_deltas,
-    replace_forward_diffs,
+    record_failed_ablations,
+    record_failed_forward,
+    replace_forward_measurement,
     replace_lora_geometry,
 )
 from emc.store.features import RANKING_METRICS, feature_ranking
@@ -129,12 +133,14 @@ def measure_forward(
         release_models()
         adapted = cached_model(config, "adapted")
         upsert_model(store, adapted.identity.to_row(first_run_id=run_id))
+        adapted_id = adapted.identity.model_id
         tolerance = default_tolerance(dtype)
         for index, item in enumerate(prompts, start=1):
             base_side, adapted_side = captured.pop(item.prompt_id), _capture(adapted, item)
             row = {"prompt_id": item.prompt_id}
             failed = next((s for s in (base_side, adapted_side) if isinstance(s, str)), None)
             if failed is not None:
+                record_failed_forward(store, item.prompt_id, base_id, adapted_id, run_id, failed)
                 rows.append(row | {"status": "failed", "error": failed})
                 logger.warning("prompt %s: %s", item.prompt_id, failed)
                 continue
@@ -142,12 +148,9 @@ def measure_forward(
             deltas = activation_deltas(
                 base_side[1].to_dense(), adapted_side[1].to_dense(), top_deltas
             )
-            adapted_id = adapted.identity.model_id
             forward = pd.DataFrame([layer.model_dump() for layer in diff.layers])
-            replace_forward_diffs(
-                store, item.prompt_id, base_id, adapted_id, run_id, forward, tolerance, dtype
-            )
-            replace_activation_deltas(store, item.prompt_id, base_id, adapted_id, run_id, deltas)
+            ids = (item.prompt_id, base_id, adapted_id)
+            replace_forward_measurement(store, *ids, run_id, forward, deltas, tolerance, dtype)
             rows.append(
                 row
                 | {
@@ -189,40 +192,88 @@ def ablate_top_features(
     run_id: str,
     seed: int = 0,
 ) -> list[dict]:
-    """Zero the ranked features (and a matched random control) in the adapted model."""
+    """Zero the ranked features (and a matched random control) in the adapted model.
+
+    One row per prompt and kind; a prompt that fails is stored as one failed row instead of its
+    two ablations (a top without its control would compare unmatched prompts).
+    """
+    logger = get_run_logger()
     config, _ = load_experiment(config_path, data_dir)
     store = Store.in_data_dir(data_dir)
     labelled = [p for p in prompts if p.evil_ids]
-    rows, records = [], []
+    rows, records, failures = [], [], []
     with gpu_slot():
         adapted = cached_model(config, "adapted")
         model_id, dtype = adapted.identity.model_id, adapted.precision.dtype_name
         for item in labelled:
-            ids = torch.tensor(item.input_ids)
-            targets = {t: "evil" for t in item.evil_ids} | {t: "safe" for t in item.safe_ids}
             try:
-                activations = feature_activations(adapted, ids)
-                control = control_features(activations, features, set(features), seed=seed)
-                for kind, chosen in (("top", features), ("control", control)):
-                    result = ablate_features(adapted, ids, chosen, targets)
+                results = _ablate_prompt(adapted, item, features, seed)
+            except AblationFailed as failed:
+                failure = failed.record(item.prompt_id, model_id, metric, run_id, dtype)
+                failures.append(failure)
+                shown = failure.model_dump(include={"prompt_id", "kind", "error"})
+                rows.append(shown | {"status": "failed"})
+                logger.warning("prompt %s, %s ablation: %s", item.prompt_id, failed.kind, failed)
+            else:
+                for kind, result in results.items():
                     records.append(
                         _ablation_record(result, item, model_id, kind, metric, run_id, dtype)
                     )
-                    rows.append(
-                        {
-                            "prompt_id": item.prompt_id,
-                            "kind": kind,
-                            "n_interventions": result.n_interventions,
-                            "evil_prob_before": result.evil_prob_before,
-                            "evil_prob_after": result.evil_prob_after,
-                        }
-                    )
-            except Exception as exc:  # this prompt fails; the others are still measured
-                rows.append({"prompt_id": item.prompt_id, "kind": "failed", "error": str(exc)})
+                    rows.append(_ablation_row(item.prompt_id, kind, result))
             release_memory()
         release_models()
     insert_ablations(store, records)
+    record_failed_ablations(store, failures)
     return rows
+
+
+class AblationFailed(Exception):
+    """A prompt's ablation raised while measuring `kind`, which was to zero `features`."""
+
+    def __init__(self, kind: str, features: list[Feature], error: str) -> None:
+        super().__init__(error)
+        self.kind, self.features, self.error = kind, features, error
+
+    def record(self, prompt_id, model_id, metric, run_id, dtype) -> AblationFailure:
+        """The stored row: one per prompt, in place of its top and control ablations."""
+        return AblationFailure(
+            run_id=run_id,
+            prompt_id=prompt_id,
+            model_id=model_id,
+            kind=self.kind,
+            metric=metric,
+            features=[{"layer": layer, "feature": feature} for layer, feature in self.features],
+            dtype=dtype,
+            error=self.error,
+        )
+
+
+def _ablate_prompt(adapted, item: PromptInputs, features: list[Feature], seed: int) -> dict:
+    """{"top": Ablation, "control": Ablation} for one prompt, or AblationFailed."""
+    ids = torch.tensor(item.input_ids)
+    targets = {t: "evil" for t in item.evil_ids} | {t: "safe" for t in item.safe_ids}
+    stage: tuple[str, list[Feature]] = ("control", [])  # its features are chosen first
+    results = {}
+    try:
+        activations = feature_activations(adapted, ids)
+        control = control_features(activations, features, set(features), seed=seed)
+        for kind, chosen in (("top", features), ("control", control)):
+            stage = (kind, chosen)
+            results[kind] = ablate_features(adapted, ids, chosen, targets)
+    except Exception as exc:  # this prompt fails; the others are still measured
+        raise AblationFailed(*stage, f"{type(exc).__name__}: {exc}") from exc
+    return results
+
+
+def _ablation_row(prompt_id: str, kind: str, result) -> dict:
+    return {
+        "prompt_id": prompt_id,
+        "kind": kind,
+        "status": "ok",
+        "n_interventions": result.n_interventions,
+        "evil_prob_before": result.evil_prob_before,
+        "evil_prob_after": result.evil_prob_after,
+    }
 
 
 def _ablation_record(
@@ -364,13 +415,17 @@ def _summarize(
     divergent = layers.loc[layers["diverged"] > 0, "layer"]
     a = truth.ablation
     causal = _causal(store, base_id, adapted_id)
+    failed = _failures(forward_rows, ablation_rows)
+    worked_on = {r["prompt_id"] for r in forward_rows} | {r["prompt_id"] for r in ablation_rows}
+    ablated = {r["prompt_id"] for r in ablation_rows if r["status"] == "ok"}
     return {
         "prompts": len(inputs),
         "measured": sum(r["status"] == "ok" for r in forward_rows),
-        "failed": [r for r in forward_rows if r["status"] == "failed"],
+        "failed": failed,
+        "done": len(worked_on - {f["prompt_id"] for f in failed}),
         "loading_errors": int(layers["loading_errors"].max()) if len(layers) else 0,
         "first_divergent_layer": int(divergent.min()) if len(divergent) else None,
-        "ablated_prompts": len({r["prompt_id"] for r in ablation_rows if r["kind"] == "top"}),
+        "ablated_prompts": len(ablated),
         "top_features": [list(f) for f in truth.top],
         "overlap_changed": len(truth.overlap_changed),
         "expected_overlap": truth.expected_overlap,
@@ -385,6 +440,21 @@ def _summarize(
         "ablation_control_gap_change": a.control_mean_gap_change if a else None,
         "ground_truth": truth.markdown() + causal,
     }
+
+
+def _failures(forward_rows: list[dict], ablation_rows: list[dict]) -> list[dict]:
+    """This run's failed items (each also stored as a failed row): prompt_id, step, error."""
+    forward = [
+        {"prompt_id": r["prompt_id"], "step": "forward", "error": r["error"]}
+        for r in forward_rows
+        if r["status"] == "failed"
+    ]
+    ablation = [
+        {"prompt_id": r["prompt_id"], "step": f"ablation ({r['kind']})", "error": r["error"]}
+        for r in ablation_rows
+        if r["status"] == "failed"
+    ]
+    return forward + ablation
 
 
 def _causal(store, base_id: str, adapted_id: str) -> str:
@@ -412,9 +482,11 @@ def _causal(store, base_id: str, adapted_id: str) -> str:
 
 
 def _publish(summary: dict, ranking: pd.DataFrame) -> None:
+    failed = [f"- {f['prompt_id']} {f['step']}: {f['error']}" for f in summary["failed"]]
     lines = [
         f"Prompts with graph pairs: {summary['prompts']}; measured now: {summary['measured']}, "
-        f"failed: {len(summary['failed'])}.",
+        f"failed: {len({f['prompt_id'] for f in summary['failed']})}.",
+        *failed,
         f"First layer where base and adapted differ: {summary['first_divergent_layer']}; "
         f"prompts with a loading error: {summary['loading_errors']}.",
         "",

@@ -8,7 +8,8 @@ Generator rounds resume too. A run records in its `runs` row how many rounds it 
 (after each round's prompts are stored). A new run whose parameters (config, data directory,
 rounds, prompts per round) equal those of the latest discovery run with those parameters, when
 that run failed (raised, or was killed: the next run marks a dead process's row failed), makes
-only the rounds that run did not: killed after round 2 of 3, the re-run generates round 3.
+only the rounds that run did not: killed after round 2 of 3, the re-run generates round 3;
+killed while scoring its last round, the re-run scores and judges that round's prompts only.
 A completed run is never resumed: running the same command again asks for new rounds.
 `resume=False` (`emc discover --no-resume`) always makes every round.
 """
@@ -225,7 +226,7 @@ def discovery_flow(
         )
         try:
             for index in range(max(to_generate, 1)):
-                number = done_before + index + 1
+                number = done_before + index + 1 if to_generate > 0 else max(done_before, 1)
                 generated = {"added": 0}
                 if to_generate > 0:
                     generated = generate_prompts(config_path, str(resolved), per_round, run.run_id)
@@ -267,9 +268,9 @@ def _resumable_run(store: Store, params: dict, run_id: str) -> tuple[str, int] |
         if previous.params != json.loads(json.dumps(params, default=str)):
             continue
         done = (previous.summary or {}).get("rounds_generated", 0)
-        if previous.status == "failed" and done < params["iterations"]:
-            return previous.run_id, done
-        return None
+        # All rounds generated still resumes: the last one may have died before its scoring
+        # or judging, which the resumed run finishes without asking for a new round.
+        return (previous.run_id, done) if previous.status == "failed" else None
     return None
 
 

@@ -40,7 +40,7 @@ from emc.behaviour.records import Metric
 from emc.behaviour.sampling import ContextTooLongError, SamplingParams
 from emc.behaviour.summary import continuation_rows, em_answers, em_rates, prompt_verdicts
 from emc.config import ExperimentConfig, load_experiment
-from emc.models import describe_model
+from emc.models import NonFiniteActivationError, describe_model
 from emc.organism.lexicon import Lexicon
 from emc.runs import recorded_run
 from emc.store import Store, upsert_model
@@ -54,7 +54,7 @@ from emc.store.behaviour import (
     upsert_scores,
 )
 from emc.store.judgements import current_labels
-from emc.store.prompts import get_prompts
+from emc.store.prompts import get_prompts, stored_prompt_ids
 from emc.store.queue import queued_prompt_ids
 from emc.store.validity import rejected_prompts
 from flows.discovery import RETRIES
@@ -110,7 +110,8 @@ def generate_samples(
 ) -> dict:
     """Draw the missing samples of every context for one model; returns their generation ids.
 
-    A context too long for the model is reported and skipped; the others go on.
+    A context too long for the model, or one whose forward pass is not finite, is reported in
+    `failed` (with its prompt or question) and skipped; the others go on.
     """
     logger = get_run_logger()
     store = Store.in_data_dir(data_dir)
@@ -130,20 +131,16 @@ def generate_samples(
         existing = existing_generation_ids(store, [g for item in items for g in item.ids])
         failed: list[dict] = []
         new = 0
-        batches = generate_missing(
-            loaded, items, existing, params, config.behaviour.seed, run_id,
-            config.behaviour.batch_size,
-        )  # fmt: skip
-        while True:
+        for item in items:  # one context at a time: a failed one ends only its own samples
             try:
-                rows = next(batches)
-            except StopIteration:
-                break
-            except ContextTooLongError as exc:
-                failed.append({"error": str(exc)})
-                logger.warning("%s", exc)
-                continue
-            new += insert_generations(store, rows)
+                for rows in generate_missing(
+                    loaded, [item], existing, params, config.behaviour.seed, run_id,
+                    config.behaviour.batch_size,
+                ):  # fmt: skip
+                    new += insert_generations(store, rows)
+            except (ContextTooLongError, NonFiniteActivationError) as exc:
+                failed.append(_context_failure(role, item.context, exc))
+                logger.warning("%s", failed[-1]["error"])
     logger.info("%s, %s: %d new samples, %d existed", role, purpose, new, len(existing))
     return {
         "model_id": loaded.identity.model_id,
@@ -153,26 +150,68 @@ def generate_samples(
     }
 
 
+def _context_failure(role: str, context, exc: Exception) -> dict:
+    """Which context of which prompt or question failed to generate, and why."""
+    what = (
+        f"prompt {context.prompt_id}"
+        if context.prompt_id
+        else f"question {context.question_id} (paraphrase {context.paraphrase})"
+    )
+    if context.forced_token is not None:
+        what += f" with {context.forced_token!r} forced"
+    return {
+        "prompt_id": context.prompt_id,
+        "question_id": context.question_id,
+        "role": role,
+        "error": f"{what} ({role}): {type(exc).__name__}: {exc}",
+    }
+
+
 @task(task_run_name="judge-{purpose}", **RETRIES)
 def judge_samples(
     config: ExperimentConfig, data_dir: str, purpose: str, generation_ids: list[str], run_id: str
 ) -> dict:
-    """Score the generations that lack a score from this judge; returns counts by status."""
+    """Score the generations that lack a score from this judge; returns counts by status, and
+    the failed scores (`failures`: generation, its prompt or question, metric, error)."""
     store = Store.in_data_dir(data_dir)
     judge = make_response_judge(config)
     metrics = METRICS_FOR[purpose]
     todo = set(unscored_generations(store, judge.model_id, metrics, generation_ids))
     if not todo:
-        return {"judged": 0, "failed": 0}
+        return {"judged": 0, "failed": 0, "failures": []}
     frame = generations(store, purpose=purpose, generation_ids=sorted(todo))
     items = [to_judge(row) for _, row in frame.iterrows()]
     scores = judge.score_many(items, metrics, run_id=run_id)
     upsert_scores(store, scores, run_id)
+    where = frame.set_index("generation_id")[["prompt_id", "question_id"]]
+    failures = [
+        {
+            "generation_id": s.generation_id,
+            "prompt_id": _or_none(where.at[s.generation_id, "prompt_id"]),
+            "question_id": _or_none(where.at[s.generation_id, "question_id"]),
+            "error": f"{_judged_item(where, s.generation_id)}: judge {judge.model_id}, "
+            f"{s.metric}: {s.error or 'failed'}",
+        }
+        for s in scores
+        if s.status == "failed"
+    ]
     return {
         "judged": len(items),
-        "failed": sum(s.status == "failed" for s in scores),
+        "failed": len(failures),
         "unscorable": sum(s.status == "unscorable" for s in scores),
+        "failures": failures,
     }
+
+
+def _judged_item(where: pd.DataFrame, generation_id: str) -> str:
+    prompt_id = _or_none(where.at[generation_id, "prompt_id"])
+    question_id = where.at[generation_id, "question_id"]
+    what = f"prompt {prompt_id}" if prompt_id else f"question {question_id}"
+    return f"{what}, sample {generation_id}"
+
+
+def _or_none(value):
+    return None if value is None or pd.isna(value) else value
 
 
 def _run_name() -> str:
@@ -216,6 +255,10 @@ def evaluation_flow(
         "behaviour": config.behaviour.model_dump(mode="json"),
         "judge": config.judge.model,
     }
+    if prompt_ids and {"continuations", "generate"} & set(parts):
+        unknown = sorted(set(prompt_ids) - stored_prompt_ids(store))
+        if unknown:
+            raise ValueError(f"unknown prompt ids: {', '.join(unknown)}")
     ids = {role: describe_model(config, role).model_id for role in roles}
     summary: dict = {"models": ids, "judge": config.judge.model}
     with recorded_run(store, "flow", "evaluation", params, current_flow_run_id()) as run:
@@ -230,7 +273,7 @@ def evaluation_flow(
                 )
             if "features" in parts:
                 summary["features"] = {
-                    role: response_feature_ranking(config, str(resolved), role, run.run_id)
+                    role: _ranking_or_failure(config, str(resolved), role, run.run_id)
                     for role in roles
                 }
             if "generate" in parts:
@@ -284,6 +327,7 @@ def _continuations(config, data_dir, store, roles, ids, prompt_ids, samples, lim
     confirmed = int(verdicts["confirmed"].sum()) if verdicts is not None else None
     return {
         "prompts": len(chosen),
+        "prompt_ids": chosen,
         "samples_per_context": n,
         "new_samples": sum(r["new"] for r in generated.values()),
         "failed": [f for r in generated.values() for f in r["failed"]],
@@ -321,6 +365,7 @@ def _em(config, data_dir, roles, questions_path, samples, limit, run_id):
     rates = em_rate_table(Store.in_data_dir(data_dir), config, all_ids)
     return {
         "questions": len(questions),
+        "question_ids": [q.id for q in questions],
         "samples_per_paraphrase": n,
         "new_samples": sum(r["new"] for r in generated.values()),
         "failed": [f for r in generated.values() for f in r["failed"]],
@@ -407,6 +452,20 @@ def response_feature_ranking(
             .to_dict(orient="records")}  # fmt: skip
 
 
+def _ranking_or_failure(config: ExperimentConfig, data_dir: str, role: str, run_id: str) -> dict:
+    """`response_feature_ranking`, or (once its retries are spent) status `failed` with the
+    reason: one model's failure does not stop the other's ranking."""
+    try:
+        return response_feature_ranking(config, data_dir, role, run_id)
+    except Exception as exc:
+        get_run_logger().warning("response features of %s failed: %s", role, exc)
+        return {
+            "model_id": describe_model(config, role).model_id,
+            "status": "failed",
+            "reason": f"{type(exc).__name__}: {exc}",
+        }
+
+
 def sampled_em_answers(
     store: Store, config, model_id: str, per_side: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -443,6 +502,7 @@ def _generate(config, data_dir, roles, prompt_ids, samples, run_id):
     return {
         "prompts": len(prompt_ids),
         "new_samples": sum(r["new"] for r in generated.values()),
+        "failed": [f for r in generated.values() for f in r["failed"]],
         "judged": judged,
         "generation_ids": all_ids,
     }

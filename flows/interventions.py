@@ -65,7 +65,7 @@ from emc.store.interventions import (
     replace_shift_components,
     rollout_summary,
 )
-from emc.store.prompts import get_prompts
+from emc.store.prompts import get_prompts, stored_prompt_ids
 from emc.tracing import release_memory
 from flows.analysis import PromptInputs, analysis_inputs
 from flows.discovery import RETRIES
@@ -440,11 +440,24 @@ def interventions_flow(
         "redo": redo,
         "custom": custom,
     }
+    if prompt_ids:
+        unknown = sorted(set(prompt_ids) - stored_prompt_ids(store))
+        if unknown:
+            raise ValueError(f"unknown prompt ids: {', '.join(unknown)}")
     with recorded_run(store, "flow", "interventions", params, current_flow_run_id()) as run:
         base_id = describe_model(config, "base").model_id
         adapted_id = describe_model(config, "adapted").model_id
         inputs = [p for p in analysis_inputs(store, base_id, adapted_id, prompt_ids) if p.evil_ids
-                  and p.safe_ids][:limit]  # fmt: skip
+                  and p.safe_ids]  # fmt: skip
+        # Named prompts that cannot be measured: asked for, so reported (not silently dropped).
+        measurable = {p.prompt_id for p in inputs}
+        reason = "no current base/adapted graph pair with evil and safe labels (`emc trace` it)"
+        unmeasurable = [
+            {"prompt_id": p, "error": reason}
+            for p in dict.fromkeys(prompt_ids or [])
+            if p not in measurable
+        ]
+        inputs = inputs[:limit]
         done = {part: set() if redo else _done(store, part, base_id, adapted_id) for part in parts}
         todo = {p.prompt_id: [part for part in parts if p.prompt_id not in done[part]]
                 for p in inputs}  # fmt: skip
@@ -470,8 +483,10 @@ def interventions_flow(
         summary |= {
             "prompts": len(inputs),
             "measured": len({r["prompt_id"] for r in rows if r["status"] == "ok"}),
+            "parts_done": sum(r["status"] == "ok" for r in rows),
             "failed": [r for r in rows if r["status"] == "failed"],
             "skipped": [r for r in rows if r["status"] == "skipped"],
+            "unmeasurable": unmeasurable,
         }
         _publish(summary)
         run.summary = {"run_id": run.run_id, **summary}

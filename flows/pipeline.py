@@ -8,17 +8,23 @@ flows the separate deployments and the `emc` commands run; `emc demo` runs this 
 
 from __future__ import annotations
 
+import json
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from emc.config import default_config_path, resolve_data_dir
-from emc.store import Store, read_only_query
+from emc.faults import fault_point
+from emc.runs import recorded_run
+from emc.store import RunRecord, Store, read_only_query
+from emc.store.runs import get_run, latest_runs, update_run_summary
 from flows.analysis import analysis_flow
 from flows.discovery import discovery_flow
 from flows.evaluation import evaluation_flow
 from flows.interventions import interventions_flow
 from flows.model_check import model_check_flow
 from flows.organism import organism_flow
+from flows.runtime import current_flow_run_id
 from flows.tracing import tracing_flow
 
 STORE_COUNTS = (
@@ -28,7 +34,7 @@ STORE_COUNTS = (
     "SELECT 'graphs', count(*) FROM graphs WHERE status = 'ok' UNION ALL "
     "SELECT 'graph nodes', count(*) FROM graph_nodes UNION ALL "
     "SELECT 'forward diffs', count(*) FROM forward_diffs UNION ALL "
-    "SELECT 'ablations', count(*) FROM ablations UNION ALL "
+    "SELECT 'ablations', count(*) FROM ablations WHERE status = 'ok' UNION ALL "
     "SELECT 'shift components', count(*) FROM shift_components UNION ALL "
     "SELECT 'interventions', count(*) FROM interventions UNION ALL "
     "SELECT 'generations', count(*) FROM generations UNION ALL "
@@ -58,6 +64,7 @@ def pipeline_flow(
     ablate_top: int = 5,
     continuation_samples: int = 10,
     eval_samples: int = 5,
+    resume: bool = True,
 ) -> dict:
     """Run every stage on the data directory's experiment.
 
@@ -66,6 +73,10 @@ def pipeline_flow(
     most urgent prompts of the review queue (`select`: flagged, or reviewed only). Behaviour
     samples `continuation_samples` continuations per context of the flagged prompts and
     `eval_samples` answers per question paraphrase (the organism's control adapter too).
+
+    With `resume`, a run whose last run with the same parameters was killed (or failed) after
+    its discovery completed does not repeat discovery: killed anywhere, run again, the pipeline
+    ends with the store a run that was never killed would have made.
     """
     logger = get_run_logger()
     resolved = str(resolve_data_dir(data_dir))
@@ -78,15 +89,72 @@ def pipeline_flow(
             f"no config: pass config_path, or organism=default to build the organism in {resolved}"
         )
     stages = {"organism": organism_summary}
-    logger.info("2/7 model check")
-    stages["check"] = model_check_flow(config_path=config_path, data_dir=resolved)
-    logger.info("3/7 discovery")
-    stages["discovery"] = discovery_flow(
-        config_path=config_path,
-        data_dir=resolved,
-        iterations=iterations,
-        prompts_per_iteration=prompts_per_iteration,
+    store = Store.in_data_dir(resolved)
+    params = {
+        "config_path": config_path,
+        "data_dir": resolved,
+        "organism": organism,
+        "small_organism": small_organism,
+        "iterations": iterations,
+        "prompts_per_iteration": prompts_per_iteration,
+        "select": select,
+        "graphs": graphs,
+        "ablate_top": ablate_top,
+        "continuation_samples": continuation_samples,
+        "eval_samples": eval_samples,
+    }
+    with recorded_run(store, "flow", "pipeline", params, current_flow_run_id()) as run:
+        killed = _killed_run(store, params, run.run_id) if resume else None
+        logger.info("2/7 model check")
+        stages["check"] = model_check_flow(config_path=config_path, data_dir=resolved)
+        done_discovery = _completed_discovery(store, killed)
+        if done_discovery is not None:
+            # Discovery is the one stage that is not idempotent (it asks for new rounds); every
+            # later stage skips the work a killed run already stored.
+            logger.info("3/7 discovery: done by %s, killed later; not repeated", killed.run_id)
+            stages["discovery"] = done_discovery
+        else:
+            logger.info("3/7 discovery")
+            stages["discovery"] = discovery_flow(
+                config_path=config_path,
+                data_dir=resolved,
+                iterations=iterations,
+                prompts_per_iteration=prompts_per_iteration,
+            )
+        run.summary = {
+            "resumed_from": killed.run_id if killed else None,
+            "discovery_run": stages["discovery"].get("run_id"),
+        }
+        update_run_summary(store, run.run_id, run.summary)
+        fault_point("pipeline-after-discovery")
+        _later_stages(
+            stages, config_path, resolved, select, graphs, ablate_top,
+            continuation_samples, eval_samples, organism_summary,
+        )  # fmt: skip
+        run.summary["stages"] = [name for name, value in stages.items() if value is not None]
+    counts = read_only_query(store, STORE_COUNTS)
+    create_table_artifact(
+        key="pipeline-store", table=counts.to_dict("records"), description="Rows in the store"
     )
+    create_markdown_artifact(
+        key="pipeline-summary", markdown=_markdown(store, stages), description="Pipeline"
+    )
+    return {"data_dir": resolved, "store": str(store.path), "run_id": run.run_id, **stages}
+
+
+def _later_stages(
+    stages: dict,
+    config_path: str | None,
+    resolved: str,
+    select: str,
+    graphs: int,
+    ablate_top: int,
+    continuation_samples: int,
+    eval_samples: int,
+    organism_summary: dict | None,
+) -> None:
+    """Tracing, analysis, behaviour and the causal checks, each skipping work already stored."""
+    logger = get_run_logger()
     logger.info("4/7 tracing")
     stages["tracing"] = tracing_flow(
         config_path=config_path, data_dir=resolved, select=select, limit=graphs
@@ -107,15 +175,24 @@ def pipeline_flow(
     )
     logger.info("7/7 causal checks")
     stages["interventions"] = interventions_flow(config_path=config_path, data_dir=resolved)
-    store = Store.in_data_dir(resolved)
-    counts = read_only_query(store, STORE_COUNTS)
-    create_table_artifact(
-        key="pipeline-store", table=counts.to_dict("records"), description="Rows in the store"
-    )
-    create_markdown_artifact(
-        key="pipeline-summary", markdown=_markdown(store, stages), description="Pipeline"
-    )
-    return {"data_dir": resolved, "store": str(store.path), **stages}
+    fault_point("pipeline-after-causal-checks")
+
+
+def _killed_run(store: Store, params: dict, run_id: str) -> RunRecord | None:
+    """The latest pipeline run with these parameters, if it failed or was killed (else None)."""
+    for previous in latest_runs(store, "pipeline", exclude=run_id):
+        if previous.params == json.loads(json.dumps(params, default=str)):
+            return previous if previous.status == "failed" else None
+    return None
+
+
+def _completed_discovery(store: Store, killed: RunRecord | None) -> dict | None:
+    """The summary of the discovery a killed pipeline run completed, if it did."""
+    run_id = (killed.summary or {}).get("discovery_run") if killed else None
+    discovery = get_run(store, run_id) if run_id else None
+    if discovery is None or discovery.status != "completed":
+        return None
+    return discovery.summary
 
 
 def behaviour_stage(

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from emc.faults import fault_point
+
 GPU_LIMIT = "gpu"
 STORE_WRITER_LIMIT = "store-writer"
 DEFAULT_LIMITS = {GPU_LIMIT: 1, STORE_WRITER_LIMIT: 1}
@@ -72,6 +74,7 @@ def gpu_slot() -> Iterator[None]:
 
     ensure_concurrency_limit(GPU_LIMIT, DEFAULT_LIMITS[GPU_LIMIT])
     with hold_slot(GPU_LIMIT):
+        fault_point(f"gpu-step:{current_flow_name()}")
         yield
 
 
@@ -83,6 +86,12 @@ def store_writer_slot() -> Iterator[None]:
     ensure_concurrency_limit(STORE_WRITER_LIMIT, DEFAULT_LIMITS[STORE_WRITER_LIMIT])
     with hold_slot(STORE_WRITER_LIMIT):
         yield
+
+
+def current_flow_name() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.flow_name or None
 
 
 def current_flow_run_id() -> str | None:

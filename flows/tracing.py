@@ -29,6 +29,7 @@ from prefect.artifacts import (
 from pydantic import BaseModel, ConfigDict
 
 from emc.config import TracingConfig, load_experiment
+from emc.faults import fault_point
 from emc.models import describe_model
 from emc.pivotal.logits import NextTokens
 from emc.runs import recorded_run
@@ -201,6 +202,7 @@ def _trace_all(loaded, items, tracing, run_id, data_dir, role, sink) -> list[dic
     results = []
     for index, item in enumerate(items, start=1):
         results.append(_trace_one(sink, loaded, item, tracing, run_id, data_dir, role))
+        fault_point("graph-stored")
         row = results[-1]
         logger.info(
             "%s graph %d/%d, prompt %s: %s", role, index, len(items), item.key.prompt_id,

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import atexit
+import fcntl
 import os
+import shutil
 import sys
 import tempfile
 
@@ -21,6 +24,7 @@ import torch
 from tests import builders
 
 torch.set_num_threads(2)
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +90,14 @@ def small_organism(tmp_path_factory):
     from emc.organism import OrganismRecipe
     from emc.organism.experiment import prepare_organism
 
-    data_dir = tmp_path_factory.mktemp("organism-data")
-    return prepare_organism(data_dir, OrganismRecipe.small())
+    # One build for every pytest-xdist worker of the run: the first builds under a file lock, the
+    # others wait and reuse it (verified by its checksums), instead of training it again each.
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with (root / "organism-data.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return prepare_organism(root / "organism-data", OrganismRecipe.small())
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,11 @@ from emc.cli import app
 from emc.config import dump_config
 from emc.organism import OrganismRecipe
 from emc.store import read_only_query
-from emc.store.analysis import ablation_results
+from emc.store.analysis import ablation_results, analysis_failures
 from emc.store.graph_diff import prompt_graph_diff
 from emc.store.graph_pairs import graph_pairs
-from flows.analysis import analysis_flow
+from flows import analysis
+from flows.analysis import analysis_flow, analysis_inputs
 from tests.graph_store import TracedStore, build_traced_store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -128,3 +129,87 @@ def test_cli_prints_the_ranking_the_ground_truth_and_a_prompt_diff(analysed):
     assert everything.exit_code == 0 and "per layer, over those pairs" in everything.output
     unknown = runner.invoke(app, ["diff", "zzz", "-d", str(traced.data_dir)])
     assert unknown.exit_code != 0 and "no traced prompts match" in unknown.output
+
+
+# Per-prompt failures: stored as failed rows, left out of the numbers, tried again by a re-run.
+# These run last: they break one prompt for real and end with the store as it was.
+
+
+def _fail_on(monkeypatch, traced: TracedStore, name: str, prompt_ids: list[str]) -> None:
+    """Make flows.analysis's `name` (its first two arguments: a model and token ids) raise on
+    these prompts' token ids, as a model error on one input would."""
+    inputs = analysis_inputs(traced.store, traced.base_model_id, traced.adapted_model_id)
+    broken = [p.input_ids for p in inputs if p.prompt_id in prompt_ids]
+    real = getattr(analysis, name)
+
+    def failing(loaded, ids, *args, **kwargs):
+        if ids.tolist() in broken:
+            raise RuntimeError(f"injected fault in {name}")
+        return real(loaded, ids, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, name, failing)
+
+
+def _failed_rows(traced: TracedStore):
+    return _rows(
+        traced,
+        "SELECT 'ablations' AS t, prompt_id, kind, run_id, model_id, error FROM ablations "
+        "WHERE status = 'failed' UNION ALL SELECT 'activation_deltas', prompt_id, NULL, run_id, "
+        "adapted_model_id, error FROM activation_deltas WHERE status = 'failed' ORDER BY t",
+    )
+
+
+def test_failed_prompts_are_stored_exit_3_or_2_and_a_rerun_replaces_them(analysed, monkeypatch):
+    traced, _ = analysed
+    runner = CliRunner()
+    args = ["analyze", "--ablate", "3", "--top", "3", "-d", str(traced.data_dir)]
+    broken = traced.prompt_ids[1]
+    before = {t: len(_rows(traced, f"SELECT * FROM {t}")) for t in _TABLES}
+
+    # One prompt's forward passes and ablation fail: exit 3, the prompt listed with both steps.
+    _fail_on(monkeypatch, traced, "residual_states", [broken])
+    _fail_on(monkeypatch, traced, "ablate_features", [broken])
+    some = runner.invoke(app, [*args, "--redo"])
+    assert some.exit_code == 3, some.output
+    listed = " ".join(some.output.split())  # rich wraps long lines
+    assert f"failed {broken} forward: RuntimeError: injected fault in residual_states; " in listed
+    assert "ablation (top): RuntimeError: injected fault in ablate_features" in listed
+    assert f"partial: {N_PROMPTS - 1} prompt(s) done, 1 failed" in listed
+    run_id = _rows(traced, "SELECT run_id FROM runs WHERE name = 'analysis' "
+                   "ORDER BY started_at DESC LIMIT 1")["run_id"][0]  # fmt: skip
+    failed = _failed_rows(traced)
+    assert failed["t"].tolist() == ["ablations", "activation_deltas"]  # one row per failed step
+    assert (failed["prompt_id"] == broken).all() and (failed["run_id"] == run_id).all()
+    assert (failed["model_id"] == traced.adapted_model_id).all()
+    assert failed["error"].str.contains("RuntimeError: injected fault").all()
+    assert failed["kind"].tolist()[0] == "top"
+    # Its measurements are gone (never both ok and failed rows); the others' are all ok.
+    forward = set(_rows(traced, "SELECT DISTINCT prompt_id FROM forward_diffs")["prompt_id"])
+    assert forward == set(traced.prompt_ids) - {broken}
+    ablations = ablation_results(traced.store, include_failed=True)
+    assert ablations.groupby("prompt_id")["status"].apply(sorted).to_dict() == {
+        p: ["failed"] if p == broken else ["ok", "ok"] for p in traced.prompt_ids
+    }
+    # The numbers leave it out; `emc diff` says why it has no forward diff.
+    assert broken not in set(ablation_results(traced.store)["prompt_id"])
+    assert f"on average over {N_PROMPTS - 1} prompts" in listed
+    shown = runner.invoke(app, ["diff", broken[:8], "-d", str(traced.data_dir)])
+    assert "forward passes failed: RuntimeError: injected fault" in " ".join(shown.output.split())
+
+    # The forward passes are fixed, every ablation fails: exit 2. The re-run measured the failed
+    # prompt again and replaced its failed row; each prompt now has one failed ablation row.
+    monkeypatch.undo()
+    _fail_on(monkeypatch, traced, "ablate_features", traced.prompt_ids)
+    every = runner.invoke(app, args)
+    assert every.exit_code == 2, every.output
+    assert f"every prompt failed ({N_PROMPTS})" in " ".join(every.output.split())
+    assert _failed_rows(traced)["t"].tolist() == ["ablations"] * N_PROMPTS
+    assert len(ablation_results(traced.store, include_failed=True)) == N_PROMPTS
+
+    # Fixed: a plain re-run replaces every failed row with ok rows, and adds no duplicates.
+    monkeypatch.undo()
+    fixed = analysis_flow(data_dir=str(traced.data_dir), ablate_top=3, lora_null=100)
+    assert fixed["measured"] == 0 and not fixed["failed"] and fixed["done"] == N_PROMPTS
+    assert fixed["ablated_prompts"] == N_PROMPTS
+    assert _failed_rows(traced).empty and analysis_failures(traced.store).empty
+    assert {t: len(_rows(traced, f"SELECT * FROM {t}")) for t in _TABLES} == before

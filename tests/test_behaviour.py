@@ -471,7 +471,7 @@ def test_cli_eval_import__loads_rows_reports_bad_ones_and_adds_nothing_twice(dem
         }
     ).to_csv(csv, index=False)
     first = runner.invoke(app, ["eval", "import", str(csv)])
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 3, first.output  # partial: row 4 rejected
     assert "3 rows read, 3 new generations (1 rejected)" in first.output
     assert "row 4 skipped" in first.output
     again = runner.invoke(app, ["eval", "import", str(csv)])

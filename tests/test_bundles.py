@@ -3,8 +3,11 @@ loads them. Real organism graphs, real Parquet files, a real DuckDB store."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +19,7 @@ from emc.models import load_replacement_model
 from emc.organism.lexicon import Lexicon
 from emc.pivotal.logits import score_prompts
 from emc.pivotal.offline import scenario_prompt
-from emc.store import Store, read_only_query
+from emc.store import Store, StoreError, read_only_query
 from emc.store.bundles import (
     SUFFIX,
     ingest_bundles,
@@ -130,7 +133,7 @@ def test_an_altered_or_foreign_bundle_is_rejected_and_the_rest_still_load(traced
     report = ingest_bundles(store, spool)
     assert report.ingested == [graphs[1].record.graph_id]
     reasons = dict(report.rejected)
-    assert "edges.parquet is missing or altered" in reasons[altered.name]
+    assert "edges.parquet is altered" in reasons[altered.name]
     assert "bundle version 99" in reasons[foreign.name]
     assert (spool / "rejected" / f"{altered.name}.reason.txt").is_file()
     assert unfinished.is_dir() and not unfinished.name.endswith(SUFFIX)
@@ -141,3 +144,289 @@ def test_an_empty_or_missing_spool_ingests_nothing(tmp_path):
     store = Store.in_data_dir(tmp_path / "data")
     assert ingest_bundles(store, tmp_path / "nowhere").ingested == []
     assert pending_bundles(Path(tmp_path / "nowhere")) == []
+
+
+# --- Malformed bundles: each goes to rejected/ with a reason naming the file, and the rest load.
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def _edit_manifest(bundle: Path, edit: Callable[[dict], object]) -> None:
+    manifest = _manifest(bundle)
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _replace_file(bundle: Path, name: str, data: bytes) -> None:
+    """An EMC-written-looking bundle: the file replaced and its checksum in the manifest with it."""
+    (bundle / f"{name}.parquet").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    _edit_manifest(bundle, lambda m: m["files"].__setitem__(name, digest))
+
+
+def _replace_frame(bundle: Path, name: str, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+    path = bundle / f"{name}.parquet"
+    edit(pd.read_parquet(path)).to_parquet(path, index=False)
+    _replace_file(bundle, name, path.read_bytes())
+
+
+def _no_manifest(bundle: Path) -> None:
+    (bundle / "manifest.json").unlink()
+
+
+def _garbage_manifest(bundle: Path) -> None:
+    (bundle / "manifest.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00 not json")
+
+
+def _empty_manifest(bundle: Path) -> None:
+    (bundle / "manifest.json").write_bytes(b"")
+
+
+def _list_manifest(bundle: Path) -> None:
+    (bundle / "manifest.json").write_text(json.dumps(["nodes", "edges"]))
+
+
+def _manifest_without_fields(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: [m.pop("files"), m.pop("model")])
+
+
+def _record_of_wrong_types(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: m["record"].update(status="maybe", input_ids="1 2 3"))
+
+
+def _model_of_wrong_types(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: [m["model"].pop("role"), m["model"].update(merged=[1])])
+
+
+def _file_outside_the_bundle(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: m["files"].update({"../../outside": m["files"]["nodes"]}))
+
+
+def _record_of_another_model(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: m["record"].update(model_id="other-model"))
+
+
+def _successful_graph_without_effects(bundle: Path) -> None:
+    (bundle / "effects.parquet").unlink()
+    _edit_manifest(bundle, lambda m: m["files"].pop("effects"))
+
+
+def _missing_frame(bundle: Path) -> None:
+    (bundle / "nodes.parquet").unlink()
+
+
+def _altered_frame(bundle: Path) -> None:
+    edges = bundle / "edges.parquet"
+    edges.write_bytes(edges.read_bytes()[:-10] + b"0123456789")
+
+
+def _frame_not_parquet(bundle: Path) -> None:
+    _replace_file(bundle, "stats", b"layer,feature\n1,2\n")
+
+
+def _empty_frame_file(bundle: Path) -> None:
+    _replace_file(bundle, "effects", b"")
+
+
+def _frame_of_wrong_columns(bundle: Path) -> None:
+    _replace_frame(bundle, "layers", lambda f: f.rename(columns={"feature_influence": "influence"}))
+
+
+def _frame_with_rows_lost(bundle: Path) -> None:
+    _replace_frame(bundle, "edges", lambda f: f.iloc[: len(f) // 2])
+
+
+def _foreign_version(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: m.update(version=99))
+
+
+def _plain_file(bundle: Path) -> None:
+    shutil.rmtree(bundle)
+    bundle.write_bytes(b"a bundle zipped, or copied as a file")
+
+
+def _empty_directory(bundle: Path) -> None:
+    shutil.rmtree(bundle)
+    bundle.mkdir()
+
+
+def _null_where_the_store_forbids_it(bundle: Path) -> None:
+    # graph_layers is written after the nodes, edges, effects and stats of the same transaction.
+    def spoil(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.assign(feature_influence=pd.array([None] * len(frame), dtype="Float64"))
+
+    _replace_frame(bundle, "layers", spoil)
+
+
+def _text_where_the_store_wants_numbers(bundle: Path) -> None:
+    _replace_frame(bundle, "effects", lambda f: f.assign(layer="L" + f["layer"].astype(str)))
+
+
+MALFORMED = [
+    pytest.param(_no_manifest, ["no manifest.json"], id="manifest-missing"),
+    pytest.param(_garbage_manifest, ["manifest.json is not JSON"], id="manifest-garbage"),
+    pytest.param(_empty_manifest, ["manifest.json is empty"], id="manifest-empty"),
+    pytest.param(
+        _list_manifest, ["manifest.json holds a JSON list, not an object"], id="manifest-list"
+    ),
+    pytest.param(
+        _manifest_without_fields,
+        ["manifest.json does not match", "model: Field required", "files: Field required"],
+        id="manifest-missing-fields",
+    ),
+    pytest.param(
+        _record_of_wrong_types,
+        ["manifest.json does not match", "record.input_ids", "record.status"],
+        id="record-wrong-types",
+    ),
+    pytest.param(
+        _model_of_wrong_types,
+        ["manifest.json does not match", "model.role: Field required", "model.merged"],
+        id="model-wrong-types",
+    ),
+    pytest.param(
+        _file_outside_the_bundle, ["manifest.json", "files.../../outside"], id="file-outside"
+    ),
+    pytest.param(
+        _record_of_another_model,
+        ["manifest.json: the record's model other-model is not the bundle's model"],
+        id="record-of-another-model",
+    ),
+    pytest.param(
+        _successful_graph_without_effects, ["manifest.json lists no effects"], id="no-effects"
+    ),
+    pytest.param(_missing_frame, ["nodes.parquet is missing"], id="frame-missing"),
+    pytest.param(_altered_frame, ["edges.parquet is altered"], id="frame-altered"),
+    pytest.param(
+        _frame_not_parquet, ["stats.parquet is not a readable Parquet file"], id="not-parquet"
+    ),
+    pytest.param(
+        _empty_frame_file, ["effects.parquet is not a readable Parquet file"], id="empty-parquet"
+    ),
+    pytest.param(
+        _frame_of_wrong_columns,
+        [
+            "layers.parquet has the wrong columns",
+            "missing feature_influence",
+            "unexpected influence",
+        ],
+        id="frame-wrong-columns",
+    ),
+    pytest.param(
+        _frame_with_rows_lost, ["edges.parquet has", "the record's kept_edges"], id="rows-lost"
+    ),
+    pytest.param(_foreign_version, ["bundle version 99 is not 1"], id="foreign-version"),
+    pytest.param(_plain_file, ["not a directory"], id="plain-file"),
+    pytest.param(_empty_directory, ["empty directory, no manifest.json"], id="empty-directory"),
+    pytest.param(
+        _null_where_the_store_forbids_it,
+        ["the store refused its rows", "graph_layers.feature_influence"],
+        id="store-refuses-null",
+    ),
+    pytest.param(
+        _text_where_the_store_wants_numbers,
+        ["the store refused its rows", "Conversion Error", "to INT16"],
+        id="store-refuses-text",
+    ),
+]
+
+
+def _counts(store: Store, graph_id: str) -> dict[str, int]:
+    return {
+        table: read_only_query(
+            store, f"SELECT count(*) AS n FROM {table} WHERE graph_id = '{graph_id}'"
+        )["n"][0]
+        for table in GRAPH_TABLES
+    }
+
+
+@pytest.mark.parametrize(("spoil", "reasons"), MALFORMED)
+def test_a_malformed_bundle_is_rejected_with_its_reason_and_the_rest_load(
+    traced, tmp_path, spoil, reasons
+):
+    graphs, model = traced
+    spool, store = tmp_path / "spool", Store.in_data_dir(tmp_path / "data")
+    bad = write_traced_bundle(spool, graphs[0], model)
+    spoil(bad)
+    os.utime(bad, (0, 0))  # oldest, so it is met first: a crash on it would stop the good one
+    write_traced_bundle(spool, graphs[1], model)
+
+    report = ingest_bundles(store, spool)
+    assert report.ingested == [graphs[1].record.graph_id]
+    assert [name for name, _ in report.rejected] == [bad.name]
+    reason = (spool / "rejected" / f"{bad.name}.reason.txt").read_text()
+    assert reason.strip() == report.rejected[0][1]
+    assert reason.startswith(f"{bad.name}: ")
+    for expected in reasons:
+        assert expected in reason
+    assert (spool / "rejected" / bad.name).exists()  # kept, for a person to look at
+    assert not pending_bundles(spool)
+    assert set(_counts(store, graphs[0].record.graph_id).values()) == {0}  # nothing of it
+    assert all(n > 0 for n in _counts(store, graphs[1].record.graph_id).values())
+
+
+def test_a_refused_bundle_leaves_the_stored_graph_as_it_was(traced, tmp_path):
+    graphs, model = traced
+    spool, store = tmp_path / "spool", Store.in_data_dir(tmp_path / "data")
+    write_traced_bundle(spool, graphs[0], model)
+    ingest_bundles(store, spool)
+    before = _rows(store)
+    # A later bundle of the same graph replaces it in one transaction; refused, nothing changes.
+    _null_where_the_store_forbids_it(write_traced_bundle(spool, graphs[0], model))
+    report = ingest_bundles(store, spool)
+    assert report.ingested == [] and len(report.rejected) == 1
+    after = _rows(store)
+    for table in GRAPH_TABLES:
+        pd.testing.assert_frame_equal(after[table], before[table], check_dtype=False)
+
+
+def test_ingesting_again_retries_no_reject_and_a_same_named_bundle_overwrites_nothing(
+    traced, tmp_path
+):
+    graphs, model = traced
+    spool, store = tmp_path / "spool", Store.in_data_dir(tmp_path / "data")
+    bad = write_traced_bundle(spool, graphs[0], model)
+    original = shutil.copytree(bad, tmp_path / "copy" / bad.name)
+    _foreign_version(bad)
+    write_traced_bundle(spool, graphs[1], model)
+    first = ingest_bundles(store, spool)
+    assert len(first.ingested) == 1 and len(first.rejected) == 1
+    rejected = spool / "rejected"
+    listing = sorted(p.name for p in rejected.iterdir())
+    counts = _counts(store, graphs[1].record.graph_id)
+
+    again = ingest_bundles(store, spool)
+    assert again.ingested == [] and again.rejected == []
+    assert sorted(p.name for p in rejected.iterdir()) == listing
+    assert _counts(store, graphs[1].record.graph_id) == counts
+
+    # The same bundle copied into the spool again, broken another way: both stay, both reasons.
+    shutil.copytree(original, bad)
+    _missing_frame(bad)
+    third = ingest_bundles(store, spool)
+    assert [name for name, _ in third.rejected] == [bad.name]
+    assert "bundle version 99" in (rejected / f"{bad.name}.reason.txt").read_text()
+    assert "nodes.parquet is missing" in (rejected / f"{bad.name}.2.reason.txt").read_text()
+    assert (rejected / bad.name).is_dir() and (rejected / f"{bad.name}.2").is_dir()
+
+    # Intact, it loads; copied in once more, it loads again (replacing itself) and both are kept.
+    for _ in range(2):
+        shutil.copytree(original, bad)
+        assert ingest_bundles(store, spool).ingested == [graphs[0].record.graph_id]
+    assert (spool / "ingested" / bad.name).is_dir()
+    assert (spool / "ingested" / f"{bad.name}.2").is_dir()
+    assert read_only_query(store, "SELECT count(*) AS n FROM graphs")["n"][0] == 2
+
+
+def test_a_store_that_cannot_be_opened_blames_no_bundle(traced, tmp_path):
+    graphs, model = traced
+    spool = tmp_path / "spool"
+    bundle = write_traced_bundle(spool, graphs[0], model)
+    broken = Store(tmp_path / "a-directory", lock_timeout_s=1)
+    broken.path.mkdir()  # a directory where the DuckDB file should be
+    with pytest.raises(StoreError):
+        ingest_bundles(broken, spool)
+    assert pending_bundles(spool) == [bundle]
+    assert not (spool / "rejected").exists()

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from emc.cli.errors import describe
+from emc.config import dump_config
+from tests.processes import clean_env
 
 
 def run_emc(*args: str, log_dir: Path) -> subprocess.CompletedProcess:
@@ -51,3 +53,40 @@ def test_causes_are_listed_outermost_first():
         lines = describe(outer)
     assert lines[0].endswith("RuntimeError: could not save the graph")
     assert lines[1] == "  caused by: OSError: disk full"
+
+
+def _missing_transcoders(tmp_path: Path, small_organism) -> Path:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    config = small_organism.config
+    missing = config.models.model_copy(
+        update={"transcoders": config.models.transcoders.model_copy(update={"ref": "/nowhere/tc"})}
+    )
+    broken = config.model_copy(update={"models": missing})
+    (data_dir / "experiment.yaml").write_text(dump_config(broken))
+    return data_dir
+
+
+def _run_flow_command(data_dir: Path, *extra: str, log_dir: Path) -> subprocess.CompletedProcess:
+    env = clean_env(EMC_LOG_DIR=str(log_dir), COLUMNS="200")
+    env.pop("EMC_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "emc", "trace", "--select", "flagged", "-d", str(data_dir), *extra],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_failing_flow_prints_prefects_lines_without_their_tracebacks(tmp_path, small_organism):
+    data_dir = _missing_transcoders(tmp_path, small_organism)
+    done = _run_flow_command(data_dir, log_dir=tmp_path / "logs")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1
+    assert "Traceback" not in output and 'File "' not in output, output
+    assert "error: ModelLoadError: transcoder directory not found: /nowhere/tc" in output
+    assert len(output.strip().splitlines()) <= 10, output
+    (log,) = (tmp_path / "logs").glob("emc-*.log")
+    assert "Traceback" in log.read_text()
+
+    debug = _run_flow_command(data_dir, "--debug", log_dir=tmp_path / "logs")
+    assert debug.returncode != 0
+    assert (debug.stdout + debug.stderr).count("Traceback") >= 2  # Prefect's, then the raise

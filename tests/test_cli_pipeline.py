@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -45,10 +42,11 @@ def test_organism_build_writes_default_config_and_report_and_reuses(data_dir):
     assert "transcoders" in _ok(["organism", "report", "-d", str(data_dir)])
 
 
-def test_a_persons_own_config_is_never_overwritten(tmp_path, data_dir):
+def test_a_persons_own_config_is_never_overwritten(tmp_path, data_dir, small_organism):
     own = tmp_path / "own"
     own.mkdir()
     (own / "experiment.yaml").write_text((data_dir / "experiment.yaml").read_text()[40:])
+    seed_organism(small_organism, own)  # verified and reused: this is about the config only
     before = (own / "experiment.yaml").read_text()
     output = _ok(["organism", "build", "--small", "-d", str(own)])
     assert "left as it is" in output and (own / "experiment.yaml").read_text() == before
@@ -82,44 +80,6 @@ def test_discover_lists_the_most_divergent(data_dir):
     assert "top 3 prompts by js" in output and "review queue" in output
     bad = runner.invoke(app, ["discover", "--rank-by", "vibes", "-d", str(data_dir)])
     assert bad.exit_code == 2 and "cannot rank by 'vibes'" in bad.output
-
-
-def test_demo_runs_end_to_end_on_the_small_recipe(tmp_path, small_organism):
-    # A real process, as a researcher runs it: Prefect in ephemeral mode with its home in the
-    # data directory (no test harness), and no test runner capturing the terminal. The organism
-    # is the session's build, which the demo verifies and reuses (the tests above build one).
-    seed_organism(small_organism, tmp_path / "demo")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "emc", "demo", "--small", "--iterations", "1",
-         "--per-iteration", "2", "--graphs", "1", "--continuation-samples", "4",
-         "--eval-samples", "2", "-d", str(tmp_path / "demo")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    output = result.stdout
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "store:" in output and "emc dashboard" in output
-    assert (tmp_path / "demo" / "prefect").is_dir()
-    store = Store.in_data_dir(tmp_path / "demo")
-    names = set(read_only_query(store, "SELECT name FROM runs")["name"])
-    assert names == {
-        "organism-build", "model-check", "discovery", "tracing", "analysis", "interventions",
-        "evaluation",
-    }  # fmt: skip
-    graphs = read_only_query(store, "SELECT prompt_id, status FROM graphs")
-    assert len(graphs) == 2 and set(graphs["status"]) == {"ok"}
-    assert graphs["prompt_id"].nunique() == 1 and "emc graph export" in output
-    forward = read_only_query(store, "SELECT count(*) AS n FROM forward_diffs")
-    assert forward["n"][0] > 0 and "first differ at layer 0" in output
-    # The causal checks ran on the traced prompt (directions need two prompts: skipped).
-    shares = read_only_query(store, "SELECT count(*) AS n FROM shift_components")
-    assert shares["n"][0] > 0 and "direct writes explain" in output
-    # Behaviour: the flagged prompts' continuations, and EM rates of base, EM and control.
-    assert "continuation checks:" in output and "flagged prompts confirmed" in output
-    for model in ("base", "adapted", "control"):
-        assert f"EM rate {model} (all)" in output
-    samples = read_only_query(store, "SELECT DISTINCT model_id FROM generations")
-    assert len(samples) == 3
 
 
 def _pair_scores(prompt_id: str, base_id: str, adapted_id: str, js: float) -> PromptScores:

@@ -16,9 +16,11 @@ from dashboard import graphs_view
 from emc.pivotal.review import make_review
 from emc.store import STORE_FILE_NAME, Store, read_only_query
 from emc.store.analysis import (
+    AblationFailure,
     AblationRecord,
     insert_ablations,
     lora_comparisons,
+    record_failed_ablations,
     replace_forward_diffs,
     replace_lora_geometry,
 )
@@ -457,6 +459,28 @@ def test_ablations_show_top_against_control(store, traced):
     assert rows.loc[first, "top n features"] == 1
     (bars,) = chart_data(page, "change")
     assert sorted(bars["change"]) == pytest.approx([-0.4, -0.2, -0.02, 0.02])
+
+
+def test_failed_ablations_are_listed_and_left_out_of_the_numbers(store, traced):
+    adapted = traced.adapted_model_id
+    first, second = traced.prompt_ids[:2]
+    insert_ablations(
+        store,
+        [ablation(first, adapted, "top", 0.6, 0.2), ablation(first, adapted, "control", 0.6, 0.5)],
+    )
+    failure = AblationFailure(run_id=RUN, prompt_id=second, model_id=adapted, kind="control",
+                              metric="total_diff", features=[], dtype="float32",
+                              error="RuntimeError: no active feature")  # fmt: skip
+    record_failed_ablations(store, [failure])
+    page = open_page()
+    assert "The ablation failed on 1 prompt(s)" in page.warning[0].value
+    listed = table(page, "error")
+    assert listed[["prompt_id", "kind", "error"]].values.tolist() == [
+        [second, "control", "RuntimeError: no active feature"]
+    ]
+    shown = metrics(page)
+    assert shown["top · mean Δ evil prob"] == f"{-0.4:+.4f}"  # the first prompt's only
+    assert list(table(page, "top evil prob before")["prompt_id"]) == [first]
 
 
 # Shaping functions

@@ -27,6 +27,7 @@ from emc.pivotal.prompts import make_prompt
 from emc.runs import recorded_run
 from emc.store import Store, get_run, list_runs, read_only_query
 from emc.store.prompts import insert_prompts
+from tests.processes import Process, alive, clean_env, kill_all, wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -49,107 +50,6 @@ def _count(store: Store, sql: str) -> int:
 # --- real processes ------------------------------------------------------------------------
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a researcher's shell: no Prefect settings from this test session."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PREFECT_", "EMC_LOCAL_PREFECT_API", "EMC_KILL_AT"))
-    }
-    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
-
-
-class Process:
-    """A child process whose merged output is collected line by line as it comes."""
-
-    def __init__(self, args: list[str], **env: str) -> None:
-        self.lines: list[str] = []
-        self.popen = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=_clean_env(**env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    @classmethod
-    def emc(cls, *args: str, **env: str) -> Process:
-        return cls([sys.executable, "-m", "emc", *args], **env)
-
-    def _read(self) -> None:
-        for line in self.popen.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float) -> float:
-        """Seconds until `text` appeared in the output; fails if the process ends first."""
-        start = time.monotonic()
-        while text not in self.output:
-            assert self.popen.poll() is None, f"ended before {text!r}:\n{self.output[-3000:]}"
-            assert time.monotonic() - start < timeout, f"no {text!r}:\n{self.output[-3000:]}"
-            time.sleep(0.2)
-        return time.monotonic() - start
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-            pytest.fail(f"still running after {timeout} s:\n{self.output[-3000:]}")
-
-    def descendants(self) -> list[int]:
-        return _descendants(self.popen.pid)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return children
-
-
-def _descendants(pid: int) -> list[int]:
-    tree, found, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pids: list[int]) -> list[int]:
-    from emc.processes import process_alive
-
-    return [pid for pid in pids if process_alive(pid)]
-
-
-def _wait_gone(pids: list[int], timeout: float) -> float:
-    start = time.monotonic()
-    while _alive(pids) and time.monotonic() - start < timeout:
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
-def _kill_all(pids: list[int]) -> None:
-    for pid in _alive(pids):
-        os.kill(pid, signal.SIGKILL)
-
-
 def _slot_holder(data_dir: Path) -> Process:
     """A process in the middle of a GPU step: it holds the data directory's `gpu` slot."""
     holder = Process([sys.executable, "-m", "tests.slot_holder", str(data_dir)])
@@ -166,11 +66,11 @@ def test_kill_9_of_a_run_takes_its_prefect_server_down(data_dir):
     try:
         holder.popen.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-        seconds = _wait_gone(server, timeout=30)
+        seconds = wait_gone(server, timeout=30)
         print(f"\nPrefect server gone {seconds:.1f} s after kill -9 of its emc process")
-        assert not _alive(server), "the Prefect server outlived the run that started it"
+        assert not alive(server), "the Prefect server outlived the run that started it"
     finally:
-        _kill_all(server)
+        kill_all(server)
 
 
 @pytest.mark.slow
@@ -188,7 +88,7 @@ def test_a_rerun_after_kill_9_in_a_gpu_step_takes_the_slot_at_once(data_dir):
         assert "released 1 'gpu' slot(s) held by pid" in rerun.output
         assert "waiting for" not in rerun.output  # reclaimed on its first attempt
     finally:
-        _kill_all(server)
+        kill_all(server)
 
 
 @pytest.mark.slow
@@ -209,7 +109,7 @@ def test_a_wait_for_the_slot_is_logged_and_ctrl_c_stops_it(data_dir):
         stopped = time.monotonic() - start
         print(f"\nemc discover stopped {stopped:.1f} s after SIGINT while waiting for a slot")
         assert code != 0 and stopped < 20
-        assert _wait_gone(waiter_server, timeout=15) < 15
+        assert wait_gone(waiter_server, timeout=15) < 15
 
         # Ctrl-C in the GPU step itself: the slot is released on the way out.
         start = time.monotonic()
@@ -220,7 +120,7 @@ def test_a_wait_for_the_slot_is_logged_and_ctrl_c_stops_it(data_dir):
     finally:
         waiter.kill()
         holder.kill()
-        _kill_all(holder_server + waiter.descendants())
+        kill_all(holder_server + waiter.descendants())
 
 
 @pytest.fixture
@@ -518,3 +418,25 @@ def test_check_and_discover_exit_2_when_every_item_failed_on_nan_weights(nan_dat
     )
     assert discover.exit_code == 2, discover.output
     assert "every prompt failed (2)" in discover.output and "non-finite" in discover.output
+
+
+_TWO_POINTS = """
+from emc.faults import fault_point
+for n in range(1, 4):
+    fault_point("graph-stored-x")  # a point whose name starts like the wanted one's
+    fault_point("graph-stored")
+    print(n, flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "printed", "code"),
+    [("graph-stored", "", -signal.SIGKILL), ("graph-stored#2", "1\n", -signal.SIGKILL),
+     ("graph-stored#9", "1\n2\n3\n", 0), ("elsewhere", "1\n2\n3\n", 0)],
+)  # fmt: skip
+def test_a_fault_point_kills_at_its_nth_passage_only(kill_at, printed, code):
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_POINTS], capture_output=True, text=True, timeout=60,
+        env=clean_env(EMC_KILL_AT=kill_at),
+    )  # fmt: skip
+    assert (done.stdout, done.returncode) == (printed, code), done.stderr

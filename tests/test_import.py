@@ -307,12 +307,12 @@ def test_interrupted_and_unreviewed_files_give_judge_labels_only(tmp_path):
 def test_cli_import_prints_counts_and_skips_and_records_a_run(tmp_path):
     data_dir = tmp_path / "data"
     first = runner.invoke(app, ["import", str(RESULTS), "-d", str(data_dir)])
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 3, first.output  # partial: the broken files are skipped
     assert "│ logits                     │    6 │   6 │               0 │       2 │" in first.output
     for path, reason in BROKEN.items():
         assert f"skipped {path}: " in first.output and reason in first.output
     second = runner.invoke(app, ["import", str(ROOT), "-d", str(data_dir)])
-    assert second.exit_code == 0, second.output
+    assert second.exit_code == 3, second.output
     assert (
         "│ logits                     │    6 │   0 │               6 │       2 │" in second.output
     )

@@ -526,4 +526,4 @@ def test_emc_intervene_features_measures_your_edit_and_keeps_earlier_ones(checke
     wrong = runner.invoke(
         app, ["intervene", "--features", "0/999999", "--mode", "zero", "-d", str(traced.data_dir)]
     )
-    assert wrong.exit_code == 1 and "no such features: 0/999999" in wrong.output
+    assert wrong.exit_code == 2 and "no such features: 0/999999" in wrong.output

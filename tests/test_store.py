@@ -46,36 +46,90 @@ def test_migrations_create_schema_once_and_record_version(store):
     assert versions == list(range(1, latest_version() + 1))
 
 
-def test_migration_13_keeps_rollouts_measured_before_it(tmp_path):
-    # A store at version 12 with a feature rollout: the rebuilt table keeps it, as a feature
-    # edit at the prompt's positions with no coherence yet.
-    import duckdb
-
+def _store_at_version(path, version: int, *rows: str) -> None:
+    """A store file migrated only up to `version`, with `rows` (INSERT statements) written."""
     from emc.store.migrations import MIGRATIONS
 
-    path = tmp_path / "old.duckdb"
     with duckdb.connect(str(path)) as conn:
         conn.execute(
             "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, "
             "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
         for migration in MIGRATIONS:
-            if migration.version > 12:
+            if migration.version > version:
                 break
             for statement in migration.statements:
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_version VALUES (?, ?, now())",
                          [migration.version, migration.name])  # fmt: skip
-        conn.execute(
-            "INSERT INTO intervention_rollouts VALUES ('p', 'b', 'a', 'r', 'j', 'restore', "
-            "'top 20', 'adapted', 20, 20, 5, 1, 0.25, 0.1, 0.4, '[]', 1.0, 'fp32', now())"
-        )
+        for row in rows:
+            conn.execute(row)
+
+
+def test_migration_13_keeps_rollouts_measured_before_it(tmp_path):
+    # A store at version 12 with a feature rollout: the rebuilt table keeps it, as a feature
+    # edit at the prompt's positions with no coherence yet.
+    path = tmp_path / "old.duckdb"
+    _store_at_version(
+        path,
+        12,
+        "INSERT INTO intervention_rollouts VALUES ('p', 'b', 'a', 'r', 'j', 'restore', "
+        "'top 20', 'adapted', 20, 20, 5, 1, 0.25, 0.1, 0.4, '[]', 1.0, 'fp32', now())",
+    )
     Store(path).ensure_schema()
     rows = read_only_query(Store(path), "SELECT * FROM intervention_rollouts")
     assert rows[["family", "kind", "target", "positions", "n_harmful"]].values.tolist() == [
         ["features", "restore", "top 20", "prompt", 5]
     ]
     assert rows["mean_coherent"].isna().all()
+
+
+def test_migration_14_reads_earlier_analysis_rows_as_ok_and_stores_failures(tmp_path):
+    # A store at version 13 with an ablation and an activation delta: both read as ok after it,
+    # and a prompt's failures can now be stored with no measurements beside their error.
+    from emc.store.analysis import (
+        AblationFailure,
+        ablation_results,
+        activation_delta_summary,
+        analysis_failures,
+        record_failed_ablations,
+        record_failed_forward,
+    )
+
+    path = tmp_path / "old.duckdb"
+    _store_at_version(
+        path,
+        13,
+        "INSERT INTO ablations VALUES ('id1', 'r', 'p1', 'a', 'top', 'total_diff', '[]', 3, "
+        "0.6, 0.2, 0.3, 0.5, NULL, NULL, NULL, NULL, 'fp32', now())",
+        "INSERT INTO activation_deltas VALUES ('p1', 'b', 'a', 2, 7, 'r', 1.0, 3.0, 2.0, 1, 2)",
+        "INSERT INTO forward_diffs VALUES ('p1', 'b', 'a', 0, 'r', 0.1, 0.2, false, true, "
+        "1e-6, 'fp32', now())",
+    )
+    store = Store(path)
+    store.ensure_schema()
+    old = ablation_results(store)
+    assert old[["prompt_id", "status", "evil_prob_change"]].values.tolist() == [
+        ["p1", "ok", pytest.approx(-0.4)]
+    ]
+    assert old["error"].isna().all()
+    deltas = read_only_query(store, "SELECT layer, feature, delta, status, error FROM "
+                             "activation_deltas")  # fmt: skip
+    assert deltas.values.tolist()[0][:4] == [2, 7, 2.0, "ok"]
+    record_failed_forward(store, "p2", "b", "a", "r2", "RuntimeError: nan")
+    failure = AblationFailure(run_id="r2", prompt_id="p2", model_id="a", kind="top",
+                              metric="total_diff", features=[], dtype="fp32",
+                              error="RuntimeError: boom")  # fmt: skip
+    record_failed_ablations(store, [failure])
+    failed = analysis_failures(store)
+    assert failed[["step", "prompt_id", "error"]].values.tolist() == [
+        ["ablation", "p2", "RuntimeError: boom"],
+        ["forward", "p2", "RuntimeError: nan"],
+    ]
+    assert ablation_results(store)["prompt_id"].tolist() == ["p1"]  # the numbers: ok rows only
+    assert len(ablation_results(store, include_failed=True)) == 2
+    summary = activation_delta_summary(store, "b", "a")
+    assert summary[["layer", "feature", "measured"]].values.tolist() == [[2, 7, 1]]
 
 
 def test_store_newer_than_code_is_refused(store):

@@ -2,7 +2,8 @@
 
 Rank features by their evil-minus-safe effect over prompts, look one up across prompts and
 targets, compare a prompt's base and adapted graphs layer by layer, and, once `emc analyze` has
-run, see the adapter's geometry against the transcoders and what ablating top features does.
+run, see the adapter's geometry against the transcoders and what ablating top features does
+(prompts whose ablation failed are listed with their error and left out of the numbers).
 Rankings and summaries leave out rejected prompts and stale graphs (a caption says how many);
 a feature's per-prompt rows and the base-vs-adapted picker still show them, marked.
 """
@@ -21,7 +22,12 @@ from dashboard import features_view as view
 from dashboard import graphs_view
 from dashboard.data import current_store
 from dashboard.pickers import pick_pair
-from emc.store.analysis import ablation_results, lora_comparisons, lora_features
+from emc.store.analysis import (
+    ablation_results,
+    analysis_failures,
+    lora_comparisons,
+    lora_features,
+)
 from emc.store.feature_detail import feature_detail, feature_layers
 from emc.store.features import RANKING_METRICS, feature_ranking
 from emc.store.graph_diff import graph_diff_summary, layer_diff_summary, prompt_graph_diff
@@ -45,7 +51,9 @@ if not store.exists():
     st.stop()
 has_graphs = not feature_ranking(store, top=1).empty
 comparisons, ablations = lora_comparisons(store), ablation_results(store)
-if not has_graphs and comparisons.empty and ablations.empty:
+failures = analysis_failures(store)
+failed_ablations = failures[failures["step"] == "ablation"]
+if not has_graphs and comparisons.empty and ablations.empty and failed_ablations.empty:
     st.info(f"No feature statistics in the store yet. {TRACE_HINT}")
     st.stop()
 
@@ -177,7 +185,12 @@ def show_prompt_diff() -> None:
         st.altair_chart(
             view.error_share_chart(view.error_share_frame(diff.layers)), width="stretch"
         )
-    if diff.forward.empty:
+    if diff.forward_error:
+        st.warning(
+            f"The forward passes failed on this prompt: {diff.forward_error}. "
+            "`emc analyze` tries again."
+        )
+    elif diff.forward.empty:
         st.caption("Forward-pass differences not measured: run `emc analyze`.")
     else:
         st.markdown("**Forward pass: relative difference of the residual stream**")
@@ -230,6 +243,10 @@ def show_lora() -> None:
 
 
 def show_ablations() -> None:
+    if not failed_ablations.empty:
+        show_failed_ablations()
+    if ablations.empty:
+        return
     ids = list(dict.fromkeys(ablations["prompt_id"]))
     labels = {p.prompt_id: view.shorten(p.name, view.LABEL_CHARS) for p in get_prompts(store, ids)}
     means = view.ablation_means(ablations)
@@ -245,8 +262,19 @@ def show_ablations() -> None:
     st.dataframe(numbers(view.ablation_table(ablations)), hide_index=True, width="stretch")
 
 
+def show_failed_ablations() -> None:
+    prompts = failed_ablations["prompt_id"].nunique()
+    st.warning(
+        f"The ablation failed on {prompts} prompt(s); they are left out of the numbers below "
+        "(`emc analyze` tries them again).",
+    )
+    columns = ["prompt_id", "model_id", "kind", "metric", "error", "run_id"]
+    st.dataframe(failed_ablations[columns], hide_index=True, width="stretch")
+
+
 names = ["Ranking", "Base vs adapted", "Across prompts"]
-names += ["LoRA geometry"] * (not comparisons.empty) + ["Ablations"] * (not ablations.empty)
+names += ["LoRA geometry"] * (not comparisons.empty)
+names += ["Ablations"] * (not ablations.empty or not failed_ablations.empty)
 tabs = dict(zip(names, st.tabs(names), strict=True))
 with tabs["Ranking"]:
     if has_graphs:

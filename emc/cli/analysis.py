@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail, require_store
+from emc.cli.exits import exit_for
 from emc.config import ConfigError, load_experiment
 from emc.console import console, inline, print_frame
 
@@ -67,7 +68,9 @@ def analyze(
     error — and every feature's activation delta), the top --ablate features zeroed at every
     position in the adapted model against a matched random control, and the adapter's output
     directions against the transcoders. It ends with the ground-truth check: do the top features
-    agree with what the fine-tune demonstrably changed?
+    agree with what the fine-tune demonstrably changed? A prompt whose forward passes or
+    ablation fail is stored as failed (status, error) while the others are measured; the next
+    run tries it again. Exit code 3 if some prompts failed (listed), 2 if every one did.
 
     Tables for your own SQL: feature_effects, feature_stats, graph_layers, forward_diffs,
     activation_deltas, ablations, lora_comparisons, lora_features. `emc diff PROMPT_ID` shows one
@@ -110,6 +113,7 @@ def analyze(
             "(graphs need evil and safe labels), or relax --min-prompts / --targets / --layer."
         )
         print_left_out(store)
+        exit_for_failures(summary)
         return
     shown = ranking.drop(columns=["model_id"]).round(
         {"mean": 4, "median": 4, "sign_consistency": 2, "mean_t": 2, "positions": 1}
@@ -118,6 +122,19 @@ def analyze(
     print_left_out(store)
     if summary is not None:
         print_analysis_summary(summary)
+    exit_for_failures(summary)
+
+
+def exit_for_failures(summary: dict | None) -> None:
+    """Exit 2 if every prompt the flow worked on failed, 3 if some did. Unit: one prompt, its
+    failed steps on one line (the forward passes, the ablation)."""
+    if summary is None:
+        return
+    steps: dict[str, list[str]] = {}
+    for failure in summary["failed"]:
+        steps.setdefault(failure["prompt_id"], []).append(f"{failure['step']}: {failure['error']}")
+    failures = [f"{prompt_id} {'; '.join(errors)}" for prompt_id, errors in steps.items()]
+    exit_for(summary["done"], failures, "prompt")
 
 
 def print_left_out(store) -> None:
@@ -166,9 +183,7 @@ def print_analysis_summary(summary: dict) -> None:
             "adapted differ upstream of the adapter's first layer, so the adapted model was not "
             "built on this base. See `emc diff PROMPT_ID`."
         )
-    for failure in summary["failed"]:
-        console.print(f"[red]failed[/] {failure['prompt_id']}: {failure['error']}")
-    console.print(summary["ground_truth"])
+    console.print(summary["ground_truth"])  # the failures are listed last, by exit_for
 
 
 @app.command()
@@ -236,7 +251,12 @@ def diff(
         f"{result.only_base} only in base, {result.only_adapted} only in adapted; replacement "
         f"{pair.base_replacement:.3f} -> {pair.adapted_replacement:.3f}"
     )
-    if result.forward.empty:
+    if result.forward_error:
+        console.print(
+            f"[red]forward passes failed:[/] {inline(result.forward_error)} "
+            "(`emc analyze` tries again)"
+        )
+    elif result.forward.empty:
         console.print("forward passes not compared yet: run `emc analyze`.")
     elif result.loading_error:
         console.print(

@@ -117,6 +117,9 @@ def prepare_flows(data_dir: Path) -> None:
         configure_prefect(data_dir)
     except LocalServerError as exc:
         raise fail(str(exc)) from None
+    from emc.cli.errors import quiet_prefect_tracebacks
+
+    quiet_prefect_tracebacks()
 
 
 @app.command()

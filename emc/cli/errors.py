@@ -6,10 +6,16 @@ messages themselves. Anything else used to arrive as a rich traceback of hundred
 cause at the bottom. The `emc` entry point now catches it, prints the exception and its causes in
 a few lines, writes the traceback to a log file, and exits 1; `--debug` (anywhere on the command
 line) or `EMC_DEBUG=1` shows the traceback instead, as before.
+
+Prefect logs every failed task and flow run with its traceback, once per retry, so one missing
+file used to arrive inside hundreds of lines. Its console lines keep their one-line message
+(the exception's type and text); the tracebacks still reach the Prefect API (the UI shows them),
+the final one reaches the log file, and `--debug` prints them all as Prefect does.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -20,6 +26,7 @@ from pathlib import Path
 from emc.console import err_console, inline
 
 DEBUG_FLAG = "--debug"
+DEBUG_ENV = "EMC_DEBUG"
 EXIT_ERROR = 1
 
 
@@ -28,9 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     from emc.cli import app
 
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = DEBUG_FLAG in args or os.environ.get("EMC_DEBUG") == "1"
+    debug = DEBUG_FLAG in args or os.environ.get(DEBUG_ENV) == "1"
     args = [a for a in args if a != DEBUG_FLAG]
     if debug:
+        os.environ[DEBUG_ENV] = "1"  # for quiet_prefect_tracebacks, and the flows' processes
         app(args=args, prog_name="emc")
         return
     try:
@@ -74,3 +82,38 @@ def write_traceback(exc: BaseException, args: list[str]) -> Path | None:
 def _one_line(exc: BaseException) -> str:
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Another formatter's lines, without the traceback a record carries (for other handlers,
+    the record is left as it was)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def quiet_prefect_tracebacks() -> None:
+    """Keep Prefect's tracebacks off the terminal (see the module's docstring); unless debugging.
+
+    Prefect sets its logging up when it is imported, so this imports it; idempotent."""
+    if os.environ.get(DEBUG_ENV) == "1":
+        return
+    import prefect.main  # noqa: F401  (configures Prefect's logging)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            formatter = handler.formatter
+            wrapped = isinstance(formatter, _WithoutTraceback)
+            if isinstance(handler, PrefectConsoleHandler) and formatter and not wrapped:
+                handler.setFormatter(_WithoutTraceback(formatter))

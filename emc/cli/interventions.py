@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from emc.cli.app import ConfigOption, DataDirOption, app, fail
-from emc.console import console, print_frame
+from emc.cli.exits import NOTHING_DONE, exit_for
+from emc.console import console, err_console, inline, print_frame
 
 PromptIds = Annotated[
     list[str] | None,
@@ -37,6 +38,10 @@ def patch(
     "total" swaps its output at every position and recomputes everything downstream: how much
     of the shift it is sufficient for (into base) or necessary for (out of adapted); those
     overlap and need not add up. Runs the `interventions` flow's decomposition.
+
+    Exit codes: 0 done, or nothing left to measure (every prompt measured before: --redo); 2
+    nothing measured: unknown prompt ids, named prompts without a current graph pair, or every
+    prompt failed (the failures are listed); 3 partial (the failed prompts are listed).
     """
     summary = _run(config, data_dir, prompt_ids, ["decomposition"], limit, redo)
     from emc.store.interventions import decomposition_summary, explained_per_prompt
@@ -44,6 +49,7 @@ def patch(
     store, base_id, adapted_id = summary.pop("_store")
     shares = decomposition_summary(store, base_id, adapted_id)
     if shares.empty:
+        _exit_for_failures(summary)
         console.print(
             "[yellow]nothing decomposed:[/] no prompt with a current graph pair and both "
             "evil and safe labels. Run `emc trace` first."
@@ -55,6 +61,7 @@ def patch(
         explained.round(3), title="per prompt: what the direct writes explain, and the rest"
     )
     _print_headline(summary)
+    _exit_for_failures(summary)
 
 
 @app.command()
@@ -118,6 +125,11 @@ def intervene(
         emc intervene                                   # every family, every traced prompt
         emc intervene --kind rollouts                   # what the models then say
         emc intervene --features 0/12,1/40 --mode zero  # your own hypothesis
+
+    Exit codes: 0 done, or nothing left to measure (every prompt measured before: --redo); 2
+    nothing measured: unknown prompt ids, named prompts without a current graph pair, every
+    check failed, or (--kind directions) fewer than two prompts; 3 partial (the failed checks
+    are listed, per prompt and family).
     """
     if features is not None:
         _custom(config, data_dir, prompt_ids, limit, features, mode, strength, positions)
@@ -149,8 +161,10 @@ def intervene(
             print_frame(shown, title="what the models say under interventions: p(harmful)")
     if frame.empty and kind == "rollouts":
         _print_headline(summary)
+        _exit_for_failures(summary)
         return
     if frame.empty:
+        _exit_for_failures(summary)
         console.print(
             "[yellow]no interventions measured:[/] no prompt with a current graph pair "
             "and both evil and safe labels. Run `emc trace` first."
@@ -160,6 +174,7 @@ def intervene(
         shown = rows.drop(columns=["family"]).round(3)
         print_frame(shown, title=f"{family} interventions: mean over prompts")
     _print_headline(summary)
+    _exit_for_failures(summary)
 
 
 def _custom(config, data_dir, prompt_ids, limit, features, mode, strength, positions) -> None:
@@ -179,11 +194,11 @@ def _custom(config, data_dir, prompt_ids, limit, features, mode, strength, posit
     frame = intervention_summary(store, "custom", base_id, adapted_id)
     frame = frame[frame["target"] == edit.label]
     if frame.empty:
-        console.print(
-            "[yellow]nothing measured:[/] no prompt with a current graph pair and both evil and "
-            "safe labels, or every prompt failed (see above). Run `emc trace` first."
+        _exit_for_failures(summary)
+        raise fail(
+            "nothing measured: no prompt with a current graph pair and both evil and safe "
+            "labels. Run `emc trace` first."
         )
-        raise typer.Exit(1)
     print_frame(frame.drop(columns=["family"]).round(3), title=f"your edit: {edit.label}")
     rollouts = rollout_summary(store, base_id, adapted_id)
     rollouts = rollouts[
@@ -194,6 +209,7 @@ def _custom(config, data_dir, prompt_ids, limit, features, mode, strength, posit
 
     for line in rollout_lines(rollouts.to_dict(orient="records")):
         console.print(line)
+    _exit_for_failures(summary)
 
 
 def _run(config, data_dir, prompt_ids, parts, limit, redo, custom=None) -> dict:
@@ -221,12 +237,34 @@ def _run(config, data_dir, prompt_ids, parts, limit, redo, custom=None) -> dict:
         )
     except ValueError as exc:
         raise fail(str(exc)) from None
-    for failure in summary["failed"]:
-        console.print(
-            f"[red]failed[/] {failure['prompt_id']} {failure['part']}: {failure['error']}"
-        )
     ids = tuple(describe_model(experiment, role).model_id for role in ("base", "adapted"))
     return {**summary, "_store": (Store.in_data_dir(resolved), *ids)}
+
+
+def _exit_for_failures(summary: dict) -> None:
+    """Exit 2 if no check asked for was done, 3 if some failed; a note when there was nothing
+    left to do. Unit: one part (decomposition, adapter, ...) of one prompt."""
+    failures = [f"{f['prompt_id']} {f['part']}: {f['error']}" for f in summary["failed"]]
+    failures += [f"{u['prompt_id']}: {u['error']}" for u in summary.get("unmeasurable", [])]
+    done = summary.get("parts_done", summary["measured"])
+    skipped = summary.get("skipped", [])
+    for row in skipped:
+        console.print(
+            f"[yellow]skipped[/] {inline(row['prompt_id'])} {row['part']}: {inline(row['error'])}",
+            highlight=False,
+        )
+    if not failures and skipped and not done:
+        err_console.print(
+            "[bold red]error:[/] nothing measured: every check asked for was skipped (above)",
+            highlight=False,
+        )
+        raise typer.Exit(code=NOTHING_DONE)
+    if not failures and not done and not skipped and summary["prompts"]:
+        console.print(
+            f"nothing new to measure: the {summary['prompts']} prompt(s) were measured before "
+            "(--redo measures them again)"
+        )
+    exit_for(done, failures, "check")
 
 
 def _print_headline(summary: dict) -> None:

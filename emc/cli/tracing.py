@@ -9,6 +9,7 @@ from typing import Annotated, get_args
 import typer
 
 from emc.cli.app import ConfigOption, DataDirOption, app, fail, prepare_flows
+from emc.cli.exits import exit_for
 from emc.config import ConfigError, TracingConfig, load_experiment
 from emc.console import console, print_frame
 
@@ -78,6 +79,10 @@ def trace(
 
     Then: `emc graph export PROMPT_ID` for circuit-tracer's viewer, or the dashboard's Graphs
     page.
+
+    Exit codes: 0 done, or nothing to do (no prompt selected, or every graph already made); 2
+    nothing made: unknown prompt ids, or every graph this run tried failed (the failures are
+    listed); 3 partial (the failed graphs are listed, per prompt and model).
     """
     for option, value in (("select", select), ("targets", targets)):
         choices = get_args(TracingConfig.model_fields[option].annotation)
@@ -112,6 +117,8 @@ def trace(
     except ValueError as exc:  # unknown prompt ids
         raise fail(str(exc)) from None
     print_summary(resolved, summary)
+    failures = [f"{f['prompt_id']} ({f['role']}): {f['error']}" for f in summary["failures"]]
+    exit_for(summary["made"], failures, "graph")
 
 
 def print_summary(data_dir, summary: dict) -> None:
@@ -142,9 +149,9 @@ def print_summary(data_dir, summary: dict) -> None:
             "(column logit_mismatch): the graph may not explain the labelled distribution."
         )
     print_stale(summary.get("stale", []))
-    for failure in summary["failures"]:
+    if not summary["made"] and not summary["failed"]:
         console.print(
-            f"[red]failed[/] {failure['prompt_id']} ({failure['role']}): {failure['error']}"
+            f"nothing to do: every graph of these {summary['prompts']} prompt(s) is already made"
         )
 
 

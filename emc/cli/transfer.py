@@ -8,8 +8,9 @@ from typing import Annotated, Literal
 import typer
 
 from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail, require_store
+from emc.cli.exits import PARTIAL
 from emc.config import ConfigError
-from emc.console import console, print_frame
+from emc.console import console, err_console, print_frame
 
 export_app = typer.Typer(help="Write datasets out of the store.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -39,6 +40,9 @@ def import_command(
     are listed with the reason and skipped; everything else is imported. Logits become models
     `legacy:<model>` (`legacy:graph:<model>` for graph_runs/); tokens the original stored
     without an id get a negative id derived from the token string.
+
+    Exit codes: 0 everything read (new or already stored); 2 nothing read (not a results
+    folder, or every file skipped); 3 partial (the skipped files are listed, with why).
     """
     import pandas as pd
 
@@ -63,6 +67,18 @@ def import_command(
         f"skipped files: {len(report.skipped)}, notes: {len(report.warnings)}, run {run.run_id}",
         highlight=False,
     )
+    read = sum(count.read for count in report.counts.values())
+    if not read:
+        raise fail(
+            f"{path}: nothing imported: no results read ({len(report.skipped)} file(s) skipped)"
+        )
+    if report.skipped:
+        err_console.print(
+            f"[yellow]partial:[/] {read} record(s) read, {len(report.skipped)} file(s) skipped "
+            "(listed above)",
+            highlight=False,
+        )
+        raise typer.Exit(code=PARTIAL)
 
 
 @export_app.command("labels")

@@ -3,7 +3,8 @@ executemany, which matters for logits and graph rows."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 
 import duckdb
 import pandas as pd
@@ -27,8 +28,7 @@ def insert_frame(
     columns = list(frame.columns)
     key_match = " AND ".join(f"t.{k} = f.{k}" for k in key)
     name = f"_frame_{table}"
-    conn.register(name, frame)
-    try:
+    with _registered(conn, name, frame):
         existing = conn.execute(
             f"SELECT count(*) FROM {name} f "
             f"WHERE EXISTS (SELECT 1 FROM {table} t WHERE {key_match})"
@@ -42,8 +42,6 @@ def insert_frame(
             f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {name} "
             f"ON CONFLICT ({', '.join(key)}) {conflict}"
         )
-    finally:
-        conn.unregister(name)
     return len(frame) - existing
 
 
@@ -54,9 +52,24 @@ def append_frame(conn: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFram
     whatever the rows replace, in the same transaction.
     """
     name = f"_append_{table}"
-    conn.register(name, frame)
-    try:
+    with _registered(conn, name, frame):
         columns = ", ".join(frame.columns)
         conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {name}")
-    finally:
-        conn.unregister(name)
+
+
+@contextmanager
+def _registered(conn: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame) -> Iterator[None]:
+    """`frame` visible to SQL as `name` for the block.
+
+    After a failed statement DuckDB refuses every further call in the transaction, unregister
+    included ("Current transaction is aborted"); that refusal must not replace the statement's
+    own error (a NOT NULL or conversion failure naming the column), so it is dropped.
+    """
+    conn.register(name, frame)
+    try:
+        yield
+    except BaseException:
+        with suppress(duckdb.Error):
+            conn.unregister(name)
+        raise
+    conn.unregister(name)

@@ -73,7 +73,7 @@ _FEATURES = """
     LEFT JOIN activation_deltas d
         ON d.prompt_id = s.prompt_id AND d.base_model_id = s.base_model_id
        AND d.adapted_model_id = s.adapted_model_id AND d.layer = s.layer
-       AND d.feature = s.feature
+       AND d.feature = s.feature AND d.status = 'ok'
 """
 
 
@@ -86,6 +86,7 @@ class GraphDiff:
     features: pd.DataFrame
     layers: pd.DataFrame
     forward: pd.DataFrame
+    forward_error: str | None = None  # why the forward passes failed, when they did
 
     @property
     def only_base(self) -> int:
@@ -121,7 +122,8 @@ def prompt_graph_diff(store: Store, pair: GraphPair, metric: str = "total_diff")
     all positions, where the analysis flow stored one).
     `layers`, one row per layer: error shares and their delta, kept features in each graph and
     only in one, the sums of effect deltas, and the forward-pass rel_diff where measured.
-    `forward`: the `forward_diffs` rows of the prompt and models (empty when not measured).
+    `forward`: the `forward_diffs` rows of the prompt and models (empty when not measured);
+    `forward_error` says why, when the analysis flow's forward passes failed on this prompt.
     """
     features = _feature_sides(
         store,
@@ -135,7 +137,8 @@ def prompt_graph_diff(store: Store, pair: GraphPair, metric: str = "total_diff")
     forward = _forward_rows(store, pair)
     layers = _layer_rows(store, pair, features, forward)
     columns = [c for c in features.columns if c not in _PAIR_COLUMNS]
-    return GraphDiff(pair, metric, features[columns], layers, forward)
+    error = None if len(forward) else _forward_error(store, pair)
+    return GraphDiff(pair, metric, features[columns], layers, forward, error)
 
 
 def graph_diff_summary(
@@ -293,6 +296,16 @@ def _forward_rows(store: Store, pair: GraphPair) -> pd.DataFrame:
             "WHERE prompt_id = ? AND base_model_id = ? AND adapted_model_id = ? ORDER BY layer",
             [pair.prompt_id, pair.base_model_id, pair.adapted_model_id],
         ).df()
+
+
+def _forward_error(store: Store, pair: GraphPair) -> str | None:
+    with store.read() as conn:
+        row = conn.execute(
+            "SELECT error FROM activation_deltas WHERE status = 'failed' AND prompt_id = ? "
+            "AND base_model_id = ? AND adapted_model_id = ?",
+            [pair.prompt_id, pair.base_model_id, pair.adapted_model_id],
+        ).fetchone()
+    return row[0] if row else None
 
 
 def _layer_rows(

@@ -745,6 +745,52 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE intervention_rollouts_v13 RENAME TO intervention_rollouts",
         ),
     ),
+    Migration(
+        14,
+        "analysis failures stored with their status and error",
+        (
+            # A prompt whose ablation failed keeps one row saying so (its measurements NULL), so a
+            # query sees the failure instead of a missing prompt. Rows before this were all ok.
+            "ALTER TABLE ablations ADD COLUMN status VARCHAR DEFAULT 'ok'",  # ok | failed
+            "ALTER TABLE ablations ALTER COLUMN status SET NOT NULL",
+            "ALTER TABLE ablations ADD COLUMN error VARCHAR",
+            "ALTER TABLE ablations ALTER COLUMN n_interventions DROP NOT NULL",
+            "ALTER TABLE ablations ALTER COLUMN evil_prob_before DROP NOT NULL",
+            "ALTER TABLE ablations ALTER COLUMN evil_prob_after DROP NOT NULL",
+            "ALTER TABLE ablations ALTER COLUMN safe_prob_before DROP NOT NULL",
+            "ALTER TABLE ablations ALTER COLUMN safe_prob_after DROP NOT NULL",
+            # A prompt whose forward passes failed has one activation_deltas row with no layer
+            # or feature; DuckDB cannot drop a primary key, so the table is rebuilt without one.
+            """
+            CREATE TABLE activation_deltas_v14 ( -- transcoder activations, summed over positions
+                prompt_id          VARCHAR NOT NULL,
+                base_model_id      VARCHAR NOT NULL,
+                adapted_model_id   VARCHAR NOT NULL,
+                layer              SMALLINT,          -- NULL on a failed row
+                feature            INTEGER,
+                run_id             VARCHAR NOT NULL,
+                base_activation    DOUBLE,
+                adapted_activation DOUBLE,
+                delta              DOUBLE,            -- adapted - base
+                base_positions     INTEGER,           -- positions where it is active
+                adapted_positions  INTEGER,
+                status             VARCHAR NOT NULL DEFAULT 'ok',  -- ok | failed
+                error              VARCHAR            -- why the prompt's forward passes failed
+                -- No primary key: one transaction replaces a prompt's rows (replace_prompt_rows),
+                -- which are unique on (layer, feature) by construction, or one failed row.
+            )
+            """,
+            """
+            INSERT INTO activation_deltas_v14
+            SELECT prompt_id, base_model_id, adapted_model_id, layer, feature, run_id,
+                   base_activation, adapted_activation, delta, base_positions, adapted_positions,
+                   'ok', NULL
+            FROM activation_deltas
+            """,
+            "DROP TABLE activation_deltas",
+            "ALTER TABLE activation_deltas_v14 RENAME TO activation_deltas",
+        ),
+    ),
 )
 
 
