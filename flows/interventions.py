@@ -60,6 +60,7 @@ from emc.store.interventions import (
     explained_per_prompt,
     intervention_summary,
     measured_prompts,
+    record_causal_outcomes,
     replace_interventions,
     replace_rollouts,
     replace_shift_components,
@@ -479,6 +480,7 @@ def interventions_flow(
                 )
         finally:
             release_models()
+        record_causal_outcomes(store, base_id, adapted_id, run.run_id, rows)
         summary = causal_summary(store, base_id, adapted_id)
         summary |= {
             "prompts": len(inputs),

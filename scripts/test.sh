@@ -8,4 +8,4 @@ bash scripts/install_browser.sh
 export HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 # Two workers, each test file on one of them (module fixtures are built once): 16 min instead
 # of 21 on 2 cores. Pass `-n 0` to run in one process.
-.venv/bin/python -m pytest -n 2 --dist loadfile --durations=25 "$@"
+.venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25 "$@"

@@ -106,3 +106,31 @@ def behaviour_store(tmp_path_factory, small_organism, prefect_harness):
     from tests.behaviour_store import build_behaviour_store
 
     return build_behaviour_store(small_organism, tmp_path_factory.mktemp("behaviour-data"))
+
+
+# The slowest test files, slowest first (from `--durations` of CI runs). xdist's loadfile mode
+# hands files out in collection order once `--no-loadscope-reorder` stops it from putting the
+# files with most tests first: the long files then start at once on both workers and the many
+# short ones fill in behind them, instead of two long files running last side by side.
+SLOW_FILES = (
+    "test_readme_commands.py",
+    "test_deployments.py",
+    "test_behaviour.py",
+    "test_viewer.py",
+    "test_interventions.py",
+    "test_dashboard_behaviour.py",
+    "test_faults.py",
+    "test_cli_pipeline.py",
+    "test_exit_codes.py",
+    "test_analysis_flow.py",
+    "test_organism_core.py",
+    "test_benchmarks.py",
+    "test_bundles.py",
+    "test_tracing_flow.py",
+    "test_dashboard_interventions.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

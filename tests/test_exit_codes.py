@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from emc.cli import app
 from emc.pivotal.prompts import make_prompt
 from emc.store import Store, read_only_query
+from emc.store.interventions import causal_failures
 from emc.store.prompts import insert_prompts
 from emc.store.queue import queued_prompt_ids
 
@@ -113,6 +114,14 @@ def test_patch_and_intervene(data_dir, monkeypatch):
     assert failed.exit_code == 2, failed.output
     assert f"failed {first} decomposition: RuntimeError: patched to fail" in text
     assert "every check failed (1)" in text
+    # Stored with its status and error, like a failed graph; a later success clears it.
+    store = Store.in_data_dir(data_dir)
+    (failure,) = causal_failures(store).itertuples()
+    assert (failure.prompt_id, failure.part, failure.status) == (first, "decomposition", "failed")
+    assert failure.error == "RuntimeError: patched to fail" and failure.run_id
+    monkeypatch.undo()
+    fixed, _ = _invoke(data_dir, "patch", "--redo", first)
+    assert fixed.exit_code == 0 and causal_failures(store).empty
 
     unknown, text = _invoke(data_dir, "intervene", "nosuchid")
     assert unknown.exit_code == 2 and "unknown prompt ids: nosuchid" in text

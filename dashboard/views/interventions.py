@@ -22,6 +22,7 @@ from dashboard.data import current_store
 from emc.analysis.rollout_report import rollout_effects
 from emc.store.features import feature_ranking
 from emc.store.interventions import (
+    causal_failures,
     causal_model_pairs,
     custom_edits,
     decomposition_summary,
@@ -51,6 +52,18 @@ pair = st.selectbox(
 )
 explained = explained_per_prompt(store, *pair)
 interventions = intervention_summary(store, None, *pair)
+failures = causal_failures(store, *pair)
+if not failures.empty:
+    st.warning(
+        f"{len(failures)} check(s) failed and are not in the numbers below; the next "
+        "`emc patch` / `emc intervene` tries them again."
+    )
+    with st.expander("Failed checks"):
+        st.dataframe(
+            failures[["prompt_id", "part", "error", "run_id", "failed_at"]],
+            hide_index=True,
+            width="stretch",
+        )
 st.caption(
     "Shares are of the shift in the evil-minus-safe logit gap from base to adapted (1 = all of "
     "it). An intervention on the adapted model *removes* part of it, one on the base model "

@@ -351,3 +351,44 @@ def custom_edits(store: Store, base_model_id: str, adapted_model_id: str) -> pd.
     """
     with store.read() as conn:
         return conn.execute(sql, [base_model_id, adapted_model_id]).df()
+
+
+def record_causal_outcomes(
+    store: Store, base_model_id: str, adapted_model_id: str, run_id: str, rows: list[dict]
+) -> None:
+    """Keep each failed part of a prompt's causal checks (status `failed`, its error) and forget
+    the failures of parts measured now: the table holds what is still failing."""
+    measured = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not measured and not failed:
+        return
+    with store.write() as conn:
+        for r in measured + failed:
+            conn.execute(
+                "DELETE FROM causal_failures WHERE prompt_id = ? AND base_model_id = ? "
+                "AND adapted_model_id = ? AND part = ?",
+                [r["prompt_id"], base_model_id, adapted_model_id, r["part"]],
+            )
+        if failed:
+            frame = pd.DataFrame(
+                {
+                    "prompt_id": [r["prompt_id"] for r in failed],
+                    "base_model_id": base_model_id,
+                    "adapted_model_id": adapted_model_id,
+                    "part": [r["part"] for r in failed],
+                    "run_id": run_id,
+                    "status": "failed",
+                    "error": [r["error"] for r in failed],
+                }
+            )
+            append_frame(conn, "causal_failures", frame)
+
+
+def causal_failures(
+    store: Store, base_model_id: str | None = None, adapted_model_id: str | None = None
+) -> pd.DataFrame:
+    """Parts of causal checks that failed and have not been measured since, newest first."""
+    where, params = _pair_filter(base_model_id, adapted_model_id)
+    sql = f"SELECT * FROM causal_failures {where} ORDER BY failed_at DESC, prompt_id, part"
+    with store.read() as conn:
+        return conn.execute(sql, params).df()

@@ -791,6 +791,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE activation_deltas_v14 RENAME TO activation_deltas",
         ),
     ),
+    Migration(
+        15,
+        "failed causal checks stored with their status and error",
+        (
+            """
+            CREATE TABLE causal_failures (      -- a part of a prompt's causal checks that failed
+                prompt_id         VARCHAR NOT NULL,
+                base_model_id     VARCHAR NOT NULL,
+                adapted_model_id  VARCHAR NOT NULL,
+                part              VARCHAR NOT NULL,  -- decomposition, adapter, features, ...
+                run_id            VARCHAR NOT NULL,
+                status            VARCHAR NOT NULL DEFAULT 'failed',
+                error             VARCHAR NOT NULL,
+                failed_at         TIMESTAMPTZ NOT NULL DEFAULT now(),
+                -- one row while the part keeps failing; gone once it is measured
+                PRIMARY KEY (prompt_id, base_model_id, adapted_model_id, part)
+            )
+            """,
+        ),
 )
 
 
