@@ -810,6 +810,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             )
             """,
         ),
+    ),
 )
 
 
