@@ -20,6 +20,11 @@ KILL_AT_ENV = "EMC_KILL_AT"
 _reached: Counter[str] = Counter()
 
 
+def armed(prefix: str) -> bool:
+    """Whether a kill point starting with `prefix` is asked for (so its name is worth making)."""
+    return os.environ.get(KILL_AT_ENV, "").startswith(prefix)
+
+
 def fault_point(name: str) -> None:
     """Die here, now, if the environment asks for it."""
     wanted = os.environ.get(KILL_AT_ENV)

@@ -16,8 +16,6 @@ A completed run is never resumed: running the same command again asks for new ro
 
 from __future__ import annotations
 
-import json
-
 import torch
 from prefect import flow, task
 from prefect.artifacts import (
@@ -51,7 +49,7 @@ from emc.store.judgements import (
 from emc.store.prompts import get_prompts, insert_prompts, stored_prompt_ids
 from emc.store.queue import QueueItem, enqueue, queue_counts
 from emc.store.reviews import generator_feedback, judge_examples
-from emc.store.runs import latest_runs, update_run_summary
+from emc.store.runs import latest_run_with_params, update_run_summary
 from emc.store.scores import (
     insert_prompt_scores,
     load_prompt_scores,
@@ -264,14 +262,12 @@ def discovery_flow(
 def _resumable_run(store: Store, params: dict, run_id: str) -> tuple[str, int] | None:
     """(run id, rounds it generated) of the run to resume: the latest discovery run with these
     parameters, if it failed before generating all its rounds."""
-    for previous in latest_runs(store, "discovery", exclude=run_id):
-        if previous.params != json.loads(json.dumps(params, default=str)):
-            continue
-        done = (previous.summary or {}).get("rounds_generated", 0)
-        # All rounds generated still resumes: the last one may have died before its scoring
-        # or judging, which the resumed run finishes without asking for a new round.
-        return (previous.run_id, done) if previous.status == "failed" else None
-    return None
+    previous = latest_run_with_params(store, "discovery", params, exclude=run_id)
+    if previous is None or previous.status != "failed":
+        return None
+    # All rounds generated still resumes: the last one may have died before its scoring or
+    # judging, which the resumed run finishes without asking for a new round.
+    return previous.run_id, (previous.summary or {}).get("rounds_generated", 0)
 
 
 def _summary_markdown(rounds: list[dict], queue: dict[str, int]) -> str:

@@ -54,7 +54,7 @@ from emc.store.behaviour import (
     upsert_scores,
 )
 from emc.store.judgements import current_labels
-from emc.store.prompts import get_prompts, stored_prompt_ids
+from emc.store.prompts import get_prompts, require_stored_prompts
 from emc.store.queue import queued_prompt_ids
 from emc.store.validity import rejected_prompts
 from flows.discovery import RETRIES
@@ -256,9 +256,7 @@ def evaluation_flow(
         "judge": config.judge.model,
     }
     if prompt_ids and {"continuations", "generate"} & set(parts):
-        unknown = sorted(set(prompt_ids) - stored_prompt_ids(store))
-        if unknown:
-            raise ValueError(f"unknown prompt ids: {', '.join(unknown)}")
+        require_stored_prompts(store, prompt_ids)
     ids = {role: describe_model(config, role).model_id for role in roles}
     summary: dict = {"models": ids, "judge": config.judge.model}
     with recorded_run(store, "flow", "evaluation", params, current_flow_run_id()) as run:

@@ -66,7 +66,7 @@ from emc.store.interventions import (
     replace_shift_components,
     rollout_summary,
 )
-from emc.store.prompts import get_prompts, stored_prompt_ids
+from emc.store.prompts import get_prompts, require_stored_prompts
 from emc.tracing import release_memory
 from flows.analysis import PromptInputs, analysis_inputs
 from flows.discovery import RETRIES
@@ -442,9 +442,7 @@ def interventions_flow(
         "custom": custom,
     }
     if prompt_ids:
-        unknown = sorted(set(prompt_ids) - stored_prompt_ids(store))
-        if unknown:
-            raise ValueError(f"unknown prompt ids: {', '.join(unknown)}")
+        require_stored_prompts(store, prompt_ids)
     with recorded_run(store, "flow", "interventions", params, current_flow_run_id()) as run:
         base_id = describe_model(config, "base").model_id
         adapted_id = describe_model(config, "adapted").model_id

@@ -8,8 +8,6 @@ flows the separate deployments and the `emc` commands run; `emc demo` runs this 
 
 from __future__ import annotations
 
-import json
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -17,7 +15,7 @@ from emc.config import default_config_path, resolve_data_dir
 from emc.faults import fault_point
 from emc.runs import recorded_run
 from emc.store import RunRecord, Store, read_only_query
-from emc.store.runs import get_run, latest_runs, update_run_summary
+from emc.store.runs import get_run, latest_run_with_params, update_run_summary
 from flows.analysis import analysis_flow
 from flows.discovery import discovery_flow
 from flows.evaluation import evaluation_flow
@@ -180,10 +178,8 @@ def _later_stages(
 
 def _killed_run(store: Store, params: dict, run_id: str) -> RunRecord | None:
     """The latest pipeline run with these parameters, if it failed or was killed (else None)."""
-    for previous in latest_runs(store, "pipeline", exclude=run_id):
-        if previous.params == json.loads(json.dumps(params, default=str)):
-            return previous if previous.status == "failed" else None
-    return None
+    previous = latest_run_with_params(store, "pipeline", params, exclude=run_id)
+    return previous if previous is not None and previous.status == "failed" else None
 
 
 def _completed_discovery(store: Store, killed: RunRecord | None) -> dict | None:

@@ -38,7 +38,7 @@ from emc.store.bundles import ingest_bundles, write_failed_bundle, write_traced_
 from emc.store.graphs import graph_ids_done, insert_traced, list_graphs, record_failed_graph
 from emc.store.judgements import current_labels
 from emc.store.models import ModelRow
-from emc.store.prompts import stored_prompt_ids
+from emc.store.prompts import require_stored_prompts
 from emc.store.queue import queued_prompt_ids
 from emc.store.scores import load_prompt_scores, scored_prompt_ids
 from emc.store.validity import rejected_prompts, stale_graphs
@@ -439,9 +439,7 @@ def _choose_prompts(
     store: Store, tracing: TracingConfig, limit: int | None, prompt_ids: list[str] | None
 ) -> list[str]:
     if prompt_ids:
-        unknown = sorted(set(prompt_ids) - stored_prompt_ids(store))
-        if unknown:
-            raise ValueError(f"unknown prompt ids: {', '.join(unknown)}")
+        require_stored_prompts(store, prompt_ids)
         chosen = list(dict.fromkeys(prompt_ids))
     else:
         chosen = queued_prompt_ids(store, reviewed_only=tracing.select == "reviewed")

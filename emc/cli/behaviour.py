@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from emc.cli.app import ConfigOption, DataDirOption, app, fail, prepare_flows, require_store
-from emc.cli.exits import PARTIAL, exit_for
-from emc.console import console, err_console, print_frame
+from emc.cli.exits import exit_for, exit_partial
+from emc.console import console, print_frame
 
 eval_app = typer.Typer(
     help="Free-form evaluation in the EM paper's style: EM rate per model, imports.",
@@ -341,12 +341,7 @@ def eval_import(
     if report["rows"] == 0:
         raise fail(f"{path}: nothing imported: no good row ({report['rejected_count']} rejected)")
     if report["rejected_count"]:
-        err_console.print(
-            f"[yellow]partial:[/] {report['rows']} row(s) imported, "
-            f"{report['rejected_count']} rejected",
-            highlight=False,
-        )
-        raise typer.Exit(code=PARTIAL)
+        exit_partial(f"{report['rows']} row(s) imported, {report['rejected_count']} rejected")
 
 
 @responses_app.command("analyze")

@@ -33,7 +33,10 @@ def exit_for(done: int, failures: Sequence[str], what: str) -> None:
             f"[bold red]error:[/] every {what} failed ({len(failures)})", highlight=False
         )
         raise typer.Exit(code=NOTHING_DONE)
-    err_console.print(
-        f"[yellow]partial:[/] {done} {what}(s) done, {len(failures)} failed", highlight=False
-    )
+    exit_partial(f"{done} {what}(s) done, {len(failures)} failed")
+
+
+def exit_partial(message: str) -> None:
+    """Say what was done and what was not, then exit 3."""
+    err_console.print(f"[yellow]partial:[/] {message}", highlight=False)
     raise typer.Exit(code=PARTIAL)

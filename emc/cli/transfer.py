@@ -8,9 +8,9 @@ from typing import Annotated, Literal
 import typer
 
 from emc.cli.app import ConfigOption, DataDirOption, app, data_dir_from, fail, require_store
-from emc.cli.exits import PARTIAL
+from emc.cli.exits import exit_partial
 from emc.config import ConfigError
-from emc.console import console, err_console, print_frame
+from emc.console import console, print_frame
 
 export_app = typer.Typer(help="Write datasets out of the store.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -73,12 +73,7 @@ def import_command(
             f"{path}: nothing imported: no results read ({len(report.skipped)} file(s) skipped)"
         )
     if report.skipped:
-        err_console.print(
-            f"[yellow]partial:[/] {read} record(s) read, {len(report.skipped)} file(s) skipped "
-            "(listed above)",
-            highlight=False,
-        )
-        raise typer.Exit(code=PARTIAL)
+        exit_partial(f"{read} record(s) read, {len(report.skipped)} file(s) skipped (listed above)")
 
 
 @export_app.command("labels")

@@ -48,3 +48,10 @@ def get_prompts(store: Store, prompt_ids: Iterable[str] | None = None) -> list[P
 def stored_prompt_ids(store: Store) -> set[str]:
     with store.read() as conn:
         return {row[0] for row in conn.execute("SELECT prompt_id FROM prompts").fetchall()}
+
+
+def require_stored_prompts(store: Store, prompt_ids: Sequence[str]) -> None:
+    """Raise ValueError naming the prompt ids asked for that the store does not hold."""
+    unknown = sorted(set(prompt_ids) - stored_prompt_ids(store))
+    if unknown:
+        raise ValueError(f"unknown prompt ids: {', '.join(unknown)}")

@@ -118,6 +118,14 @@ def latest_runs(
     return [_to_record(row) for row in rows]
 
 
+def latest_run_with_params(
+    store: Store, name: str, params: dict[str, Any], exclude: str | None = None
+) -> RunRecord | None:
+    """The most recent run called `name` whose parameters equal `params` (as stored: JSON)."""
+    stored = json.loads(json.dumps(params, default=str))
+    return next((r for r in latest_runs(store, name, exclude) if r.params == stored), None)
+
+
 def get_run(store: Store, run_id: str) -> RunRecord | None:
     with store.read() as conn:
         row = conn.execute(
