@@ -1,5 +1,5 @@
 """The full pipeline as one flow: organism -> model check -> discovery -> tracing -> analysis ->
-causal checks -> behaviour.
+behaviour -> causal checks -> feature cards.
 
 Each stage is its own flow, run here as a subflow, so the Prefect UI shows one parent run with a
 child per stage and each stage keeps its own artifacts and `runs` row. The stages are the same
@@ -19,6 +19,7 @@ from emc.store.runs import get_run, latest_run_with_params, update_run_summary
 from flows.analysis import analysis_flow
 from flows.discovery import discovery_flow
 from flows.evaluation import evaluation_flow
+from flows.feature_cards import feature_cards_flow
 from flows.interventions import interventions_flow
 from flows.model_check import model_check_flow
 from flows.organism import organism_flow
@@ -37,6 +38,7 @@ STORE_COUNTS = (
     "SELECT 'interventions', count(*) FROM interventions UNION ALL "
     "SELECT 'generations', count(*) FROM generations UNION ALL "
     "SELECT 'continuation checks', count(*) FROM continuation_checks UNION ALL "
+    "SELECT 'feature cards', count(*) FROM feature_cards UNION ALL "
     "SELECT 'runs', count(*) FROM runs"
 )
 
@@ -80,7 +82,7 @@ def pipeline_flow(
     resolved = str(resolve_data_dir(data_dir))
     organism_summary = None
     if config_path is None and organism is not None:
-        logger.info("1/7 organism (%s)", organism)
+        logger.info("1/8 organism (%s)", organism)
         organism_summary = organism_flow(data_dir=resolved, variant=organism, small=small_organism)
     elif config_path is None and not default_config_path(resolve_data_dir(resolved)).is_file():
         raise ValueError(
@@ -103,16 +105,16 @@ def pipeline_flow(
     }
     with recorded_run(store, "flow", "pipeline", params, current_flow_run_id()) as run:
         killed = _killed_run(store, params, run.run_id) if resume else None
-        logger.info("2/7 model check")
+        logger.info("2/8 model check")
         stages["check"] = model_check_flow(config_path=config_path, data_dir=resolved)
         done_discovery = _completed_discovery(store, killed)
         if done_discovery is not None:
             # Discovery is the one stage that is not idempotent (it asks for new rounds); every
             # later stage skips the work a killed run already stored.
-            logger.info("3/7 discovery: done by %s, killed later; not repeated", killed.run_id)
+            logger.info("3/8 discovery: done by %s, killed later; not repeated", killed.run_id)
             stages["discovery"] = done_discovery
         else:
-            logger.info("3/7 discovery")
+            logger.info("3/8 discovery")
             stages["discovery"] = discovery_flow(
                 config_path=config_path,
                 data_dir=resolved,
@@ -151,19 +153,20 @@ def _later_stages(
     eval_samples: int,
     organism_summary: dict | None,
 ) -> None:
-    """Tracing, analysis, behaviour and the causal checks, each skipping work already stored."""
+    """Tracing, analysis, behaviour, the causal checks and the feature cards, each skipping work
+    already stored."""
     logger = get_run_logger()
-    logger.info("4/7 tracing")
+    logger.info("4/8 tracing")
     stages["tracing"] = tracing_flow(
         config_path=config_path, data_dir=resolved, select=select, limit=graphs
     )
-    logger.info("5/7 analysis")
+    logger.info("5/8 analysis")
     stages["analysis"] = analysis_flow(
         config_path=config_path, data_dir=resolved, ablate_top=ablate_top
     )
     # Behaviour before the causal checks: the checks ablate the response direction made from
     # the EM evaluation's judged answers.
-    logger.info("6/7 behaviour")
+    logger.info("6/8 behaviour")
     stages["behaviour"] = behaviour_stage(
         config_path,
         resolved,
@@ -171,9 +174,13 @@ def _later_stages(
         eval_samples,
         compare_control=bool(organism_summary and organism_summary.get("config") is not None),
     )
-    logger.info("7/7 causal checks")
+    logger.info("7/8 causal checks")
     stages["interventions"] = interventions_flow(config_path=config_path, data_dir=resolved)
     fault_point("pipeline-after-causal-checks")
+    # Last, so the cards cover every feature a stage names: the ranking's top, the ablated
+    # features and those of the feature interventions.
+    logger.info("8/8 feature cards")
+    stages["feature_cards"] = feature_cards_flow(config_path=config_path, data_dir=resolved)
 
 
 def _killed_run(store: Store, params: dict, run_id: str) -> RunRecord | None:
@@ -245,6 +252,17 @@ def behaviour_lines(behaviour: dict) -> list[str]:
     return lines
 
 
+def feature_cards_line(cards: dict) -> str:
+    """The feature-cards stage in one sentence."""
+    if not cards["features"]:
+        return "feature cards: none (no ranked features yet)"
+    return (
+        f"feature cards: {len(cards['features'])} features ({cards['carded']} carded now, "
+        f"{cards['skipped']} before) over {cards['corpus_id']} ({cards['texts']} texts); "
+        f"`emc feature show {cards['features'][0][0]}/{cards['features'][0][1]}` shows one"
+    )
+
+
 def _markdown(store: Store, stages: dict) -> str:
     traced, analysed = stages["tracing"], stages["analysis"]
     lines = [
@@ -258,10 +276,11 @@ def _markdown(store: Store, stages: dict) -> str:
 
     lines += ["", *headline(stages["interventions"])]
     lines += ["", *behaviour_lines(stages["behaviour"])]
+    lines += ["", feature_cards_line(stages["feature_cards"])]
     lines += [
         "",
         "Next: `emc dashboard -d DATA_DIR` (Review, Graphs, Features), `emc analyze "
         "--ranking-only -d DATA_DIR`, `emc diff PROMPT_ID -d DATA_DIR`, `emc intervene -d "
-        "DATA_DIR`.",
+        "DATA_DIR`, `emc feature show LAYER/FEATURE -d DATA_DIR`.",
     ]
     return "\n".join(lines)

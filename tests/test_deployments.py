@@ -194,7 +194,8 @@ def test_the_pipeline_deployment_runs_on_a_process_worker(tmp_path, small_organi
     store = Store.in_data_dir(data_dir)
     runs = read_only_query(store, "SELECT name, kind, status, flow_run_id FROM runs")
     assert set(runs["name"]) == {"organism-build", "model-check", "discovery", "tracing",
-                                 "analysis", "interventions", "evaluation", "pipeline"}  # fmt: skip
+                                 "analysis", "interventions", "evaluation", "feature-cards",
+                                 "pipeline"}  # fmt: skip
     assert set(runs["status"]) == {"completed"} and set(runs["kind"]) == {"flow"}
     assert runs["flow_run_id"].notna().all()
     graphs = read_only_query(store, "SELECT status FROM graphs")

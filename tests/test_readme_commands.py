@@ -41,16 +41,16 @@ from tests.processes import ROOT, Process, alive, clean_env, kill_all, wait_gone
 README = ROOT / "README.md"
 DEMO = ["demo", "--small", "--iterations", "1", "--per-iteration", "2", "--graphs", "1",
         "--continuation-samples", "4", "--eval-samples", "2"]  # fmt: skip
-STAGES = ["1/7 organism", "2/7 model check", "3/7 discovery", "4/7 tracing", "5/7 analysis",
-          "6/7 behaviour", "7/7 causal checks"]  # fmt: skip
+STAGES = ["1/8 organism", "2/8 model check", "3/8 discovery", "4/8 tracing", "5/8 analysis",
+          "6/8 behaviour", "7/8 causal checks", "8/8 feature cards"]  # fmt: skip
 
 # Where each killed run dies (emc/faults.py), and the pipeline stage it is in by then.
 KILLS = [
-    ("gpu-step:discovery", "3/7 discovery"),  # scoring, holding the `gpu` slot
-    ("graph-stored#1", "4/7 tracing"),  # one of the two graphs stored
-    ("gpu-step:analysis#2", "5/7 analysis"),  # forward diffs stored, activation deltas next
-    ("gpu-step:evaluation#2", "6/7 behaviour"),  # continuations half sampled
-    ("gpu-step:interventions", "7/7 causal checks"),
+    ("gpu-step:discovery", "3/8 discovery"),  # scoring, holding the `gpu` slot
+    ("graph-stored#1", "4/8 tracing"),  # one of the two graphs stored
+    ("gpu-step:analysis#2", "5/8 analysis"),  # forward diffs stored, activation deltas next
+    ("gpu-step:evaluation#2", "6/8 behaviour"),  # continuations half sampled
+    ("gpu-step:interventions", "7/8 causal checks"),
 ]
 # Rows that depend on how many runs there were, not on what they found.
 PER_RUN_TABLES = {"runs", "model_checks", "schema_version"}
@@ -195,7 +195,7 @@ def test_the_demo_runs_end_to_end_on_the_small_recipe(clean_demo):
     names = set(read_only_query(store, "SELECT name FROM runs")["name"])
     assert names == {
         "organism-build", "model-check", "discovery", "tracing", "analysis", "interventions",
-        "evaluation", "pipeline",
+        "evaluation", "feature-cards", "pipeline",
     }  # fmt: skip
     graphs = read_only_query(store, "SELECT prompt_id, status FROM graphs")
     assert len(graphs) == 2 and set(graphs["status"]) == {"ok"}
@@ -224,7 +224,7 @@ def test_the_demo_killed_in_every_flow_completes_with_the_clean_runs_rows(killed
     print(f"\nthe run after the last kill completed in {killed_demo.seconds:.0f} s")
     output = killed_demo.output
     assert "store:" in output, output[-4000:]
-    assert "3/7 discovery: done by" in output  # not repeated
+    assert "3/8 discovery: done by" in output  # not repeated
     assert "waiting for" not in output  # every slot of the dead runs was reclaimed at once
 
     assert _counts(killed_demo.data_dir) == _counts(clean_demo.data_dir)

@@ -132,6 +132,41 @@ def test_migration_14_reads_earlier_analysis_rows_as_ok_and_stores_failures(tmp_
     assert summary[["layer", "feature", "measured"]].values.tolist() == [[2, 7, 1]]
 
 
+def test_migration_16_adds_feature_cards_whose_rewrites_replace(tmp_path):
+    # A store at version 15 gains the two card tables; a card written twice (a re-run) is one
+    # card with its examples once, and reads back as it was written.
+    from emc.features.records import ActivationStats, FeatureCard, FeatureExample, TokenValue
+    from emc.store.feature_cards import carded_features, load_card, replace_feature_cards
+
+    path = tmp_path / "old.duckdb"
+    _store_at_version(path, 15)
+    store = Store(path)
+    store.ensure_schema()
+    token = TokenValue(token_id=5, token=" hide", value=0.25)
+    example = FeatureExample(rank=1, source="train.jsonl:3", text=" hide it", token_ids=[5, 6],
+                             tokens=[" hide", " it"], activations=[1.5, 0.0], max_position=0,
+                             max_activation=1.5, start=4)  # fmt: skip
+    stats = ActivationStats(texts=2, positions=10, active=1, frequency=0.1, max=1.5,
+                            mean_active=1.5, quantile_levels=[0.5, 1.0],
+                            quantile_values=[1.5, 1.5], hist_edges=[0.0, 0.75, 1.5],
+                            hist_counts=[0, 1])  # fmt: skip
+    card = FeatureCard(layer=1, feature=397, model_id="m", corpus_id="c:1", corpus_name="c",
+                       stats=stats, examples=[example], top_logits=[token], bottom_logits=[token],
+                       encoder_tokens=[token], logit_basis="unembedding", dtype="fp32")  # fmt: skip
+    replace_feature_cards(store, [card], "r1")
+    replace_feature_cards(store, [card], "r2")
+    counts = read_only_query(store, "SELECT (SELECT count(*) FROM feature_cards) AS c, "
+                             "(SELECT count(*) FROM feature_examples) AS e")  # fmt: skip
+    assert counts.iloc[0].tolist() == [1, 1]
+    assert carded_features(store, "m", "c:1") == {(1, 397)}
+    loaded = load_card(store, 1, 397, "m")
+    assert loaded.run_id == "r2"
+    assert loaded.model_dump(exclude={"run_id", "created_at"}) == card.model_dump(
+        exclude={"run_id", "created_at"}
+    )
+    assert load_card(store, 1, 397, "other model") is None
+
+
 def test_store_newer_than_code_is_refused(store):
     store.ensure_schema()
     conn = duckdb.connect(str(store.path))

@@ -6,6 +6,7 @@ from emc.cli import (  # noqa: F401  (registers commands)
     demo,
     discovery,
     doctor,
+    features,
     graph,
     interventions,
     judge,

@@ -37,9 +37,10 @@ def demo(
     """Run the whole pipeline on the organism: build it (or reuse it), check the models,
     discover pivotal prompts, fill the review queue, trace attribution graphs of the most
     urgent flagged prompts, analyse them (base-vs-adapted diff, top features, ablation, LoRA
-    geometry), run the causal checks (where the shift lives, what removes it), and check
-    behaviour (do the flagged prompts' continuations turn harmful; EM rate of base, EM adapter
-    and control adapter). Offline, CPU, a few minutes.
+    geometry), check behaviour (do the flagged prompts' continuations turn harmful; EM rate of
+    base, EM adapter and control adapter), run the causal checks (where the shift lives, what
+    removes it), and make feature cards for the top-ranked features and those the checks name
+    (top-activating texts of the organism's corpus, logit effects). Offline, CPU, a few minutes.
 
     Ends by printing where the store is, a summary, and what to open next.
     """
@@ -53,7 +54,8 @@ def demo(
     from flows.pipeline import pipeline_flow
 
     console.rule(
-        "pipeline: organism -> check -> discovery -> tracing -> analysis -> causal -> behaviour"
+        "pipeline: organism -> check -> discovery -> tracing -> analysis -> behaviour -> causal "
+        "-> feature cards"
     )
     # The same flow the `pipeline` deployments run; each stage is a subflow with its own logs.
     result = pipeline_flow(
@@ -85,6 +87,7 @@ def demo(
         result["interventions"],
         time.perf_counter() - started,
         result["behaviour"],
+        result["feature_cards"],
     )
 
 
@@ -96,6 +99,7 @@ def _print_summary(
     causal: dict,
     seconds: float,
     behaviour: dict,
+    cards: dict,
 ) -> None:
     from emc.cli.discovery import model_pair_ids
     from emc.store import Store, read_only_query
@@ -132,10 +136,11 @@ def _print_summary(
 
     for line in headline(causal):
         console.print(line)
-    from flows.pipeline import behaviour_lines
+    from flows.pipeline import behaviour_lines, feature_cards_line
 
     for line in behaviour_lines(behaviour):
         console.print(line)
+    console.print(feature_cards_line(cards), highlight=False, markup=False)
     console.print(f"\nstore: {store.path}   ({seconds:.0f} s)")
     console.print("next:")
     console.print(f'  emc sql "SELECT * FROM divergences ORDER BY js DESC" -d {data_dir}')
@@ -143,6 +148,9 @@ def _print_summary(
     if traced["prompt_ids"]:
         console.print(f"  emc diff {traced['prompt_ids'][0]} -d {data_dir}")
     console.print(f"  emc intervene -d {data_dir}   # which interventions remove the shift")
+    if cards["features"]:
+        layer, feature = cards["features"][0]
+        console.print(f"  emc feature show {layer}/{feature} -d {data_dir}   # what a feature is")
     console.print(f"  emc eval rates -d {data_dir}   # EM rate per model, with intervals")
     console.print(f"  emc dashboard -d {data_dir}   # Review, Graphs, Features, Behaviour, ...")
     if traced["prompt_ids"]:

@@ -811,6 +811,65 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        16,
+        "feature cards",
+        (
+            """
+            CREATE TABLE feature_cards (        -- a feature over one corpus, read by one model
+                model_id          VARCHAR NOT NULL,
+                corpus_id         VARCHAR NOT NULL,  -- name:hash of the token ids scanned
+                layer             SMALLINT NOT NULL,
+                feature           INTEGER NOT NULL,
+                run_id            VARCHAR NOT NULL,
+                corpus_name       VARCHAR NOT NULL,  -- organism:<hash> | file:<name> | store
+                texts             INTEGER NOT NULL,
+                positions         BIGINT NOT NULL,   -- BOS and padding left out
+                active            BIGINT NOT NULL,   -- positions with activation > 0
+                frequency         DOUBLE NOT NULL,
+                max_activation    DOUBLE NOT NULL,
+                mean_active       DOUBLE,            -- NULL: never active
+                quantile_levels   DOUBLE[] NOT NULL, -- of the active positions
+                quantile_values   DOUBLE[] NOT NULL,
+                hist_edges        DOUBLE[] NOT NULL, -- active positions, [0, max]
+                hist_counts       BIGINT[] NOT NULL,
+                top_logit_ids     INTEGER[] NOT NULL, -- decoder direction through the unembedding
+                top_logit_tokens  VARCHAR[] NOT NULL,
+                top_logit_values  DOUBLE[] NOT NULL,
+                bottom_logit_ids    INTEGER[] NOT NULL,
+                bottom_logit_tokens VARCHAR[] NOT NULL,
+                bottom_logit_values DOUBLE[] NOT NULL,
+                encoder_token_ids    INTEGER[] NOT NULL, -- embeddings that excite the encoder
+                encoder_tokens       VARCHAR[] NOT NULL,
+                encoder_token_values DOUBLE[] NOT NULL,
+                logit_basis       VARCHAR NOT NULL,  -- what the logit effects went through
+                dtype             VARCHAR NOT NULL,
+                created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (model_id, corpus_id, layer, feature)
+            )
+            """,
+            """
+            CREATE TABLE feature_examples (     -- a card's top-activating contexts
+                model_id          VARCHAR NOT NULL,
+                corpus_id         VARCHAR NOT NULL,
+                layer             SMALLINT NOT NULL,
+                feature           INTEGER NOT NULL,
+                rank              INTEGER NOT NULL,  -- 1 = highest max activation
+                run_id            VARCHAR NOT NULL,
+                source            VARCHAR NOT NULL,  -- file:line, prompt:<id>, generation:<id>
+                text              VARCHAR NOT NULL,  -- the window around the maximum, decoded
+                token_ids         INTEGER[] NOT NULL,
+                tokens            VARCHAR[] NOT NULL,
+                activations       DOUBLE[] NOT NULL, -- per token of the window
+                max_position      INTEGER NOT NULL,  -- index into the window
+                max_activation    DOUBLE NOT NULL,
+                window_start      INTEGER NOT NULL,  -- position of the window in the text
+                created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (model_id, corpus_id, layer, feature, rank)
+            )
+            """,
+        ),
+    ),
 )
 
 

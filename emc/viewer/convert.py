@@ -16,7 +16,10 @@ hold something else than circuit-tracer's dense graph:
   feature with index <layer> at layer 0 and the same position.
 
 Feature files (`<scan>/<feature>.json`, loaded when a feature is clicked) hold what the rows know:
-for each exported graph, the prompt with the feature's activation at its kept positions.
+for each exported graph, the prompt with the feature's activation at its kept positions. When the
+store has a feature card for the feature (`emc feature cards`), the file also gets the card's
+top-activating corpus texts (first), the decoder's top and bottom logit tokens, the activation
+percentiles, histogram and frequency, which the page shows beside the graph.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from circuit_tracer.frontend.utils import process_token
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    from emc.features.records import FeatureCard
     from emc.store.graphs import StoredGraph
 
 
@@ -48,6 +52,10 @@ class FeatureFile(BaseModel):
     bottom_logits: list[str] = []
     act_min: float
     act_max: float
+    # From a feature card; left out of the file without one (the page then shows none).
+    quantile_values: list[float] | None = None
+    histogram: list[float] | None = None
+    activation_frequency: float | None = None
 
 
 def prompt_tokens(stored: StoredGraph) -> list[str]:
@@ -166,18 +174,46 @@ def feature_id(layer: int, feature: int) -> int:
     return Node.feature_node(layer, 0, feature).feature
 
 
+def card_examples(card: FeatureCard, role: str) -> ExamplesQuantile:
+    """A card's top-activating corpus windows as one quantile of the feature file."""
+    examples = [
+        Example(
+            tokens_acts_list=list(example.activations),
+            train_token_ind=example.max_position,
+            is_repeated_datapoint=False,
+            tokens=[process_token(token) for token in example.tokens],
+        )
+        for example in card.examples
+    ]
+    name = f"top activations in {card.corpus_name} ({role} model)"
+    return ExamplesQuantile(quantile_name=name, examples=examples)
+
+
 def merge_feature_file(
-    existing: str | None, scan: str, layer: int, feature: int, quantiles: Iterable[ExamplesQuantile]
+    existing: str | None,
+    scan: str,
+    layer: int,
+    feature: int,
+    quantiles: Iterable[ExamplesQuantile],
+    card: FeatureCard | None = None,
+    card_role: str = "adapted",
 ) -> FeatureFile:
-    """A feature file with `quantiles` replacing earlier ones of the same name (re-exports)."""
+    """A feature file with `quantiles` replacing earlier ones of the same name (re-exports),
+    and the card's examples (first), logits and statistics when there is a card (else those of
+    an earlier export are kept)."""
     new = list(quantiles)
+    if card is not None:
+        new.insert(0, card_examples(card, card_role))
     names = {q.quantile_name for q in new}
-    kept = []
-    if existing:
-        previous = FeatureFile.model_validate(json.loads(existing))
+    kept: list[ExamplesQuantile] = []
+    previous = FeatureFile.model_validate(json.loads(existing)) if existing else None
+    if previous is not None:
         kept = [q for q in previous.examples_quantiles if q.quantile_name not in names]
-    merged = kept + new
+    merged = new[:1] + kept + new[1:] if card is not None else kept + new
     acts = [a for q in merged for e in q.examples for a in e.tokens_acts_list] or [0.0]
+    if card is not None:
+        acts.append(card.stats.max)
+    extra = _card_fields(card) if card is not None else _kept_card_fields(previous)
     return FeatureFile(
         transcoder_id=scan,
         index=feature_id(layer, feature),
@@ -186,7 +222,27 @@ def merge_feature_file(
         examples_quantiles=merged,
         act_min=min(0.0, min(acts)),
         act_max=max(acts) if max(acts) > 0 else 1.0,
+        **extra,
     )
+
+
+def _card_fields(card: FeatureCard) -> dict[str, Any]:
+    # The page bins the histogram over [act_min, act_max]; the card's spans [0, max], and
+    # act_max is at least the card's max, so a bar sits at most one bin off.
+    return {
+        "top_logits": [process_token(t.token) for t in card.top_logits],
+        "bottom_logits": [process_token(t.token) for t in card.bottom_logits],
+        "quantile_values": list(card.stats.quantile_values),
+        "histogram": [float(c) for c in card.stats.hist_counts],
+        "activation_frequency": card.stats.frequency,
+    }
+
+
+def _kept_card_fields(previous: FeatureFile | None) -> dict[str, Any]:
+    if previous is None:
+        return {}
+    names = ("top_logits", "bottom_logits", "quantile_values", "histogram", "activation_frequency")
+    return {name: getattr(previous, name) for name in names}
 
 
 def _node(row: Any, n_layers: int, custom_id: int) -> Node:

@@ -17,7 +17,9 @@ from typing import Any
 from circuit_tracer.frontend.feature_models import ExamplesQuantile
 from pydantic import BaseModel
 
+from emc.features.records import FeatureCard
 from emc.store import Store, list_models
+from emc.store.feature_cards import load_cards
 from emc.store.graph_pairs import graph_pairs
 from emc.store.graphs import StoredGraph, list_graphs, load_graph_rows
 from emc.store.models import ModelRow
@@ -111,12 +113,15 @@ def export_prompt(store: Store, prompt: str, out_dir: str | Path) -> ExportResul
                 edges=len(graph["links"]),
             )
         )
+    cards = _cards(store, graphs, models, [(layer, f) for _, layer, f in features])
     for (scan, layer, feature), quantiles in features.items():
         path = out / FEATURES_DIR / scan / f"{feature_id(layer, feature)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         existing = path.read_text(encoding="utf-8") if path.is_file() else None
-        merged = merge_feature_file(existing, scan, layer, feature, quantiles)
-        path.write_text(merged.model_dump_json(), encoding="utf-8")
+        card = cards.get((layer, feature))
+        role = models[card.model_id].role if card is not None else "adapted"
+        merged = merge_feature_file(existing, scan, layer, feature, quantiles, card, role)
+        path.write_text(merged.model_dump_json(exclude_none=True), encoding="utf-8")
     index = update_index(out, entries)
     return ExportResult(
         prompt_id=prompt_id,
@@ -126,6 +131,18 @@ def export_prompt(store: Store, prompt: str, out_dir: str | Path) -> ExportResul
         graphs=exported,
         feature_files=len(features),
     )
+
+
+def _cards(
+    store: Store,
+    graphs: list[StoredGraph],
+    models: dict[str, ModelRow],
+    features: list[tuple[int, int]],
+) -> dict[tuple[int, int], FeatureCard]:
+    """The stored feature cards of the exported graphs' models, the adapted model's first."""
+    ids = list(dict.fromkeys(g.record.model_id for g in graphs))
+    ids.sort(key=lambda model_id: models[model_id].role != "adapted")
+    return load_cards(store, features, ids)
 
 
 def update_index(out_dir: Path, entries: list[dict[str, Any]]) -> Path:

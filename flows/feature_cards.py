@@ -1,0 +1,222 @@
+"""Feature cards: what each feature the analysis names fires on, and what its weights do.
+
+The features are the ones asked for, or by default the top `top` of the adapted model's ranking
+(features pushing evil over safe) together with the features the causal checks name (the
+analysis' ablated top features, narrow feature interventions, a person's own edits). One GPU
+task loads the model once and scans the corpus in one pass per chunk of features, storing each
+chunk's cards as it finishes. Cards are keyed by model, corpus and feature: a re-run skips the
+features already carded for this model and corpus (`redo` makes them again) and never adds a
+duplicate.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from emc.config import ExperimentConfig, load_experiment
+from emc.features import (
+    DEFAULT_LIMIT,
+    DEFAULT_MAX_TOKENS,
+    TokenizedCorpus,
+    build_cards,
+    check_features,
+    tokenize_corpus,
+)
+from emc.features.sources import load_corpus
+from emc.models import describe_model, load_tokenizer_and_context
+from emc.models.transcoders import inspect_transcoders
+from emc.runs import recorded_run
+from emc.store import Store, upsert_model
+from emc.store.feature_cards import carded_features, named_features, replace_feature_cards
+from emc.store.features import RANKING_METRICS, feature_ranking
+from flows.discovery import RETRIES
+from flows.model_cache import cached_model, release_models
+from flows.runtime import current_flow_run_id, gpu_slot
+
+Feature = tuple[int, int]
+CHUNK = 256  # features per corpus pass: a killed run keeps the chunks it finished
+
+
+def corpus_for(
+    config: ExperimentConfig,
+    store: Store,
+    spec: str | None,
+    limit_texts: int | None = DEFAULT_LIMIT,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> TokenizedCorpus:
+    """The corpus `spec` names, tokenised as the model reads it (no weights are loaded)."""
+    tokenizer, context = load_tokenizer_and_context(config)
+    corpus = load_corpus(spec, config, store, tokenizer)
+    return tokenize_corpus(corpus, tokenizer, limit_texts, min(max_tokens, context or max_tokens))
+
+
+def transcoder_widths(config: ExperimentConfig) -> list[int]:
+    """Features per layer, from the transcoder files' headers (no weights are loaded)."""
+    info = inspect_transcoders(config.models.transcoders.ref)
+    return [info.d_transcoder] * info.n_layers
+
+
+def default_features(
+    store: Store, config: ExperimentConfig, top: int, metric: str, named: bool
+) -> list[Feature]:
+    """The adapted model's top `top` evil-pushing features, and the ones causal checks name."""
+    base_id = describe_model(config, "base").model_id
+    adapted_id = describe_model(config, "adapted").model_id
+    ranking = feature_ranking(store, metric, model_id=adapted_id, sign="evil", top=top)
+    chosen = [(int(r.layer), int(r.feature)) for r in ranking.itertuples()]
+    if named:
+        chosen += named_features(store, base_id, adapted_id)
+    return list(dict.fromkeys(chosen))
+
+
+@task(task_run_name="feature-cards-{n_features}-features", **RETRIES)
+def compute_cards(
+    config_path: str | None,
+    data_dir: str,
+    role: str,
+    features: list[Feature],
+    n_features: int,
+    corpus: TokenizedCorpus,
+    run_id: str,
+    top_examples: int,
+    batch_size: int,
+) -> list[dict]:
+    """Load the model once, scan the corpus per chunk of features, store each chunk's cards."""
+    config, _ = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(data_dir)
+    progress = create_progress_artifact(
+        progress=0.0, key="feature-cards-scan", description=f"corpus passes over {corpus.name}"
+    )
+    chunks = [features[i : i + CHUNK] for i in range(0, len(features), CHUNK)]
+    rows = []
+    with gpu_slot():
+        loaded = cached_model(config, role)
+        upsert_model(store, loaded.identity.to_row(first_run_id=run_id))
+        try:
+            shown = [0.0]
+            for index, chunk in enumerate(chunks):
+
+                def step(done: int, total: int, index=index) -> None:
+                    percent = 100.0 * (index + done / total) / len(chunks)
+                    if percent - shown[0] >= 10 or done == total:  # each update is an API call
+                        update_progress_artifact(progress, percent)
+                        shown[0] = percent
+
+                cards = build_cards(loaded, corpus, chunk, top_examples, batch_size, step)
+                replace_feature_cards(store, cards, run_id)
+                rows += [_row(card) for card in cards]
+        finally:
+            release_models()
+    return rows
+
+
+def _row(card) -> dict:
+    top = card.examples[0] if card.examples else None
+    return {
+        "layer": card.layer,
+        "feature": card.feature,
+        "max": round(card.stats.max, 4),
+        "frequency": round(card.stats.frequency, 5),
+        "top logits": " ".join(repr(t.token) for t in card.top_logits[:3]),
+        "top example": top.tokens[top.max_position] if top else "",
+    }
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    features = params.get("features")
+    picked = f"{len(features)}-features" if features else f"top{params.get('top', 30)}"
+    return f"feature-cards-{params.get('role', 'adapted')}-{picked}"
+
+
+@flow(name="feature-cards", flow_run_name=_run_name)
+def feature_cards_flow(
+    config_path: str | None = None,
+    data_dir: str | None = None,
+    features: list[list[int]] | None = None,
+    top: int = 30,
+    corpus: str | None = None,
+    limit_texts: int | None = DEFAULT_LIMIT,
+    role: str = "adapted",
+    metric: str = "total_diff",
+    named: bool = True,
+    top_examples: int = 10,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = 32,
+    redo: bool = False,
+) -> dict:
+    """Cards for `features` ([layer, feature] pairs), or by default for the top `top` features
+    of the adapted model's ranking by `metric` plus (`named`) the features the causal checks
+    name, over `corpus` (None: the organism's corpus, else the store's text; `store`; a file)
+    capped at `limit_texts` texts of at most `max_tokens` tokens, read by the `role` model."""
+    if metric not in RANKING_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
+    if role not in ("base", "adapted"):
+        raise ValueError(f"role must be base or adapted, not {role!r}")
+    logger = get_run_logger()
+    config, resolved = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(resolved)
+    params = {
+        "config_path": config_path,
+        "data_dir": str(resolved),
+        "features": features,
+        "top": top,
+        "corpus": corpus,
+        "limit_texts": limit_texts,
+        "role": role,
+        "metric": metric,
+        "named": named,
+        "top_examples": top_examples,
+        "max_tokens": max_tokens,
+        "redo": redo,
+    }
+    with recorded_run(store, "flow", "feature-cards", params, current_flow_run_id()) as run:
+        if features is not None:
+            chosen = list(dict.fromkeys((int(layer), int(f)) for layer, f in features))
+        else:
+            chosen = default_features(store, config, top, metric, named)
+        check_features(chosen, transcoder_widths(config))
+        model_id = describe_model(config, role).model_id
+        run.summary = {"run_id": run.run_id, "model_id": model_id, "corpus_id": None,
+                       "features": [], "carded": 0, "skipped": 0}  # fmt: skip
+        if not chosen:
+            logger.info("no features to card: no ranking yet (trace and analyse first)")
+            return run.summary
+        scanned = corpus_for(config, store, corpus, limit_texts, max_tokens)
+        done = set() if redo else carded_features(store, model_id, scanned.corpus_id)
+        pending = [f for f in chosen if f not in done]
+        logger.info(
+            "%d features, %d carded before; corpus %s: %d of %d texts, %d tokens",
+            len(chosen), len(chosen) - len(pending), scanned.corpus_id, len(scanned.token_ids),
+            scanned.available, scanned.tokens,
+        )  # fmt: skip
+        rows = []
+        if pending:
+            rows = compute_cards(
+                config_path, str(resolved), role, pending, len(pending), scanned, run.run_id,
+                top_examples, batch_size,
+            )  # fmt: skip
+            create_table_artifact(
+                key="feature-cards",
+                table=rows,
+                description=f"{len(rows)} feature cards over {scanned.corpus_id}",
+            )
+        run.summary = {
+            "run_id": run.run_id,
+            "model_id": model_id,
+            "corpus_id": scanned.corpus_id,
+            "texts": len(scanned.token_ids),
+            "texts_available": scanned.available,
+            "tokens": scanned.tokens,
+            "features": [list(f) for f in chosen],
+            "carded": len(rows),
+            "skipped": len(chosen) - len(pending),
+        }
+    return run.summary
