@@ -1,4 +1,7 @@
-"""EMC dashboard entry point: `streamlit run dashboard/app.py` (or `emc dashboard`)."""
+"""EMC dashboard entry point: `streamlit run dashboard/app.py` (or `emc dashboard`).
+
+Each page is one module in views/ whose `render()` draws it; widgets.py holds what pages share.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,23 @@ from pathlib import Path
 
 import streamlit as st
 
-# `streamlit run` puts only this folder on sys.path; the project root holds `emc` in a checkout.
+# `streamlit run` puts only this folder on sys.path; the project root holds `emc` and the
+# `dashboard` package in a checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dashboard.views import behaviour, features, graphs, interventions, review, runs
+from dashboard.widgets import register_pages
 
 st.set_page_config(page_title="EMC", page_icon="🔬", layout="wide")
 
+# Every page's callable is named `render`, so each page names its own URL (/review, /graphs, ...).
 pages = [
-    st.Page("views/runs.py", title="Runs", icon="🏃", default=True),
-    st.Page("views/review.py", title="Review", icon="🧐"),
-    st.Page("views/graphs.py", title="Graphs", icon="🕸️"),
-    st.Page("views/features.py", title="Features", icon="🧬"),
-    st.Page("views/interventions.py", title="Interventions", icon="💉"),
-    st.Page("views/behaviour.py", title="Behaviour", icon="🗣️"),
+    st.Page(runs.render, title="Runs", icon="🏃", url_path="runs", default=True),
+    st.Page(review.render, title="Review", icon="🧐", url_path="review"),
+    st.Page(graphs.render, title="Graphs", icon="🕸️", url_path="graphs"),
+    st.Page(features.render, title="Features", icon="🧬", url_path="features"),
+    st.Page(interventions.render, title="Interventions", icon="💉", url_path="interventions"),
+    st.Page(behaviour.render, title="Behaviour", icon="🗣️", url_path="behaviour"),
 ]
+register_pages({page.url_path or "runs": page for page in pages})
 st.navigation(pages).run()

@@ -153,10 +153,12 @@ class ExperimentConfig(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     generator: LLMConfig = LLMConfig(model="organism-scenarios")
     judge: LLMConfig = LLMConfig()
+    # Names features from their cards (`emc feature cards`); unset: the judge's endpoint.
+    labeller: LLMConfig | None = None
     discovery: DiscoveryConfig = DiscoveryConfig()
     tracing: TracingConfig = TracingConfig()
     behaviour: BehaviourConfig = BehaviourConfig()
-    # The organism's lexicon.json: ground truth for the offline generator and judge.
+    # The organism's lexicon.json: ground truth for the offline generator, judge and labeller.
     ground_truth: str | None = None
     top_k: int = Field(default=10, ge=1, le=1000)
     probe_prompts: tuple[str, ...] = (

@@ -7,6 +7,12 @@ task loads the model once and scans the corpus in one pass per chunk of features
 chunk's cards as it finishes. Cards are keyed by model, corpus and feature: a re-run skips the
 features already carded for this model and corpus (`redo` makes them again) and never adds a
 duplicate.
+
+Then every card of the chosen features is labelled by the config's labeller (an LLM through the
+OpenAI-compatible client, or the organism's offline stand-in), each label stored with the
+labeller's name and the messages it was sent; features this labeller has labelled are skipped
+unless `relabel`. A label that fails (timeout, garbage) is counted, not stored: a re-run asks
+again.
 """
 
 from __future__ import annotations
@@ -27,12 +33,20 @@ from emc.features import (
     check_features,
     tokenize_corpus,
 )
+from emc.features.labels import labels_from
 from emc.features.sources import load_corpus
 from emc.models import describe_model, load_tokenizer_and_context
 from emc.models.transcoders import inspect_transcoders
+from emc.pivotal.backends import labeller_id, make_labeller
 from emc.runs import recorded_run
-from emc.store import Store, upsert_model
-from emc.store.feature_cards import carded_features, named_features, replace_feature_cards
+from emc.store import Store, insert_llm_calls, upsert_model
+from emc.store.feature_cards import (
+    carded_features,
+    load_cards,
+    named_features,
+    replace_feature_cards,
+)
+from emc.store.feature_labels import labelled_features, save_labels
 from emc.store.features import RANKING_METRICS, feature_ranking
 from flows.discovery import RETRIES
 from flows.model_cache import cached_model, release_models
@@ -115,6 +129,36 @@ def compute_cards(
     return rows
 
 
+@task(task_run_name="label-{n_features}-features", **RETRIES)
+def label_cards(
+    config_path: str | None,
+    data_dir: str,
+    model_id: str,
+    corpus_id: str,
+    features: list[Feature],
+    n_features: int,
+    run_id: str,
+) -> dict:
+    """Label the features' cards; the labels and the LLM calls behind them are stored."""
+    config, _ = load_experiment(config_path, data_dir)
+    store = Store.in_data_dir(data_dir)
+    cards = list(load_cards(store, features, [model_id], corpus_id).values())
+    labeller = make_labeller(config)
+    try:
+        outcomes = labeller.label_cards(cards, run_id)
+    finally:
+        getattr(getattr(labeller, "client", None), "close", lambda: None)()
+    insert_llm_calls(store, [call for outcome in outcomes for call in outcome.calls])
+    labels = labels_from(
+        outcomes, labeller.labeller_id, config.models.transcoders.ref, cards, run_id
+    )
+    save_labels(store, labels)
+    failed = {f"{o.layer}/{o.feature}": o.error for o in outcomes if o.reply is None}
+    for name, error in list(failed.items())[:5]:
+        get_run_logger().warning("label for %s failed: %s", name, error)
+    return {"labelled": len(labels), "label_failures": failed}
+
+
 def _row(card) -> dict:
     top = card.examples[0] if card.examples else None
     return {
@@ -136,6 +180,24 @@ def _run_name() -> str:
     return f"feature-cards-{params.get('role', 'adapted')}-{picked}"
 
 
+def _label(config, config_path, resolved, store, model_id, corpus_id, chosen, relabel, run_id):
+    labeller = labeller_id(config)
+    done = set()
+    if not relabel:
+        done = labelled_features(store, config.models.transcoders.ref, labeller)
+    pending = [f for f in chosen if f not in done]
+    outcome = {"labelled": 0, "label_failures": {}}
+    if pending:
+        outcome = label_cards(
+            config_path, str(resolved), model_id, corpus_id, pending, len(pending), run_id
+        )
+    get_run_logger().info(
+        "labels by %s: %d new, %d before, %d failed",
+        labeller, outcome["labelled"], len(chosen) - len(pending), len(outcome["label_failures"]),
+    )  # fmt: skip
+    return {"labeller": labeller, **outcome}
+
+
 @flow(name="feature-cards", flow_run_name=_run_name)
 def feature_cards_flow(
     config_path: str | None = None,
@@ -151,11 +213,14 @@ def feature_cards_flow(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch_size: int = 32,
     redo: bool = False,
+    label: bool = True,
+    relabel: bool = False,
 ) -> dict:
     """Cards for `features` ([layer, feature] pairs), or by default for the top `top` features
     of the adapted model's ranking by `metric` plus (`named`) the features the causal checks
     name, over `corpus` (None: the organism's corpus, else the store's text; `store`; a file)
-    capped at `limit_texts` texts of at most `max_tokens` tokens, read by the `role` model."""
+    capped at `limit_texts` texts of at most `max_tokens` tokens, read by the `role` model;
+    then (`label`) the cards are labelled by the config's labeller."""
     if metric not in RANKING_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
     if role not in ("base", "adapted"):
@@ -176,6 +241,8 @@ def feature_cards_flow(
         "top_examples": top_examples,
         "max_tokens": max_tokens,
         "redo": redo,
+        "label": label,
+        "relabel": relabel,
     }
     with recorded_run(store, "flow", "feature-cards", params, current_flow_run_id()) as run:
         if features is not None:
@@ -208,10 +275,15 @@ def feature_cards_flow(
                 table=rows,
                 description=f"{len(rows)} feature cards over {scanned.corpus_id}",
             )
+        labelling = {"labeller": None, "labelled": 0, "label_failures": {}}
+        if label:
+            labelling = _label(config, config_path, resolved, store, model_id, scanned.corpus_id,
+                               chosen, relabel, run.run_id)  # fmt: skip
         run.summary = {
             "run_id": run.run_id,
             "model_id": model_id,
             "corpus_id": scanned.corpus_id,
+            **labelling,
             "texts": len(scanned.token_ids),
             "texts_available": scanned.available,
             "tokens": scanned.tokens,

@@ -39,6 +39,7 @@ STORE_COUNTS = (
     "SELECT 'generations', count(*) FROM generations UNION ALL "
     "SELECT 'continuation checks', count(*) FROM continuation_checks UNION ALL "
     "SELECT 'feature cards', count(*) FROM feature_cards UNION ALL "
+    "SELECT 'feature labels', count(*) FROM feature_labels UNION ALL "
     "SELECT 'runs', count(*) FROM runs"
 )
 
@@ -259,7 +260,17 @@ def feature_cards_line(cards: dict) -> str:
     return (
         f"feature cards: {len(cards['features'])} features ({cards['carded']} carded now, "
         f"{cards['skipped']} before) over {cards['corpus_id']} ({cards['texts']} texts); "
-        f"`emc feature show {cards['features'][0][0]}/{cards['features'][0][1]}` shows one"
+        + _labels_part(cards)
+        + f"`emc feature show {cards['features'][0][0]}/{cards['features'][0][1]}` shows one"
+    )
+
+
+def _labels_part(cards: dict) -> str:
+    if not cards.get("labeller"):
+        return ""
+    failed = len(cards["label_failures"])
+    return f"labels by {cards['labeller']}: {cards['labelled']} new" + (
+        f", {failed} failed; " if failed else "; "
     )
 
 

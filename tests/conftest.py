@@ -34,8 +34,9 @@ def _seed() -> None:
 
 @pytest.fixture(autouse=True)
 def _restore_main_module():
-    """Streamlit's AppTest leaves a page installed as `__main__`; a later test's spawned
-    process would then re-run that page on start-up instead of pytest's own entry point."""
+    """Streamlit's AppTest leaves its script (the lines that draw a page) installed as
+    `__main__`; a later test's spawned process would then re-run that script on start-up
+    instead of pytest's own entry point."""
     main = sys.modules["__main__"]
     yield
     sys.modules["__main__"] = main
@@ -117,6 +118,7 @@ SLOW_FILES = (
     "test_deployments.py",
     "test_behaviour.py",
     "test_viewer.py",
+    "test_feature_cards.py",
     "test_interventions.py",
     "test_dashboard_behaviour.py",
     "test_faults.py",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard import review_view
+from dashboard.views import review as review_page
 from emc.config import dump_config
 from emc.store import STORE_FILE_NAME, Store
 from emc.store.judgements import current_labels
@@ -83,7 +83,7 @@ def test_a_reviewer_relabels_a_token_in_the_browser(browser_tools, dashboard_url
             # Which item the page claimed, and one of its tokens to flip.
             claimed = list_queue(store, "in_review")
             (prompt_id,) = claimed.loc[claimed["claimed_by"] == "human:e2e", "prompt_id"]
-            item = review_view.load_item(store, prompt_id)
+            item = review_page.load_item(store, prompt_id)
             row = next((r for r in item.rows if r.judge_label == "evil"), item.rows[0])
             new = "safe" if row.judge_label == "evil" else "evil"
             choices = page.get_by_role("radiogroup", name=f"label for {row.token!r}")

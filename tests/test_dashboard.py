@@ -1,14 +1,10 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from emc.runs import recorded_run
 from emc.store import Store
-
-PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "runs.py")
+from tests.apptest_pages import page_test
 
 
 @pytest.fixture
@@ -18,7 +14,7 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def test_runs_page_without_store_explains_what_to_do(data_dir):
-    page = AppTest.from_file(PAGE).run()
+    page = page_test("runs").run()
     assert not page.exception
     assert "emc demo" in page.info[0].value
     assert not (data_dir / "emc.duckdb").exists()  # reading never creates a store
@@ -31,7 +27,7 @@ def test_runs_page_lists_runs_with_counts_and_details(data_dir):
     with pytest.raises(RuntimeError), recorded_run(store, "flow", "broken", {}):
         raise RuntimeError("GPU fell over")
 
-    page = AppTest.from_file(PAGE).run()
+    page = page_test("runs").run()
     assert not page.exception
     metrics = {m.label: m.value for m in page.metric}
     assert metrics == {"Completed": "1", "Failed": "1", "Running": "0"}

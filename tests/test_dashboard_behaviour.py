@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import behaviour_view as view
+from dashboard import widgets
+from dashboard.views import behaviour as view
 from emc.behaviour.imports import import_em_eval
 from emc.behaviour.summary import NO_TOKEN, em_answers, em_rates, prompt_verdicts
 from emc.config import load_config
@@ -22,10 +23,7 @@ from emc.store.behaviour import (
     scored_generations,
 )
 from tests.apptest_charts import chart_data
-
-DASHBOARD = Path(__file__).resolve().parent.parent / "dashboard"
-PAGE = str(DASHBOARD / "views" / "behaviour.py")
-REVIEW_PAGE = str(DASHBOARD / "views" / "review.py")
+from tests.apptest_pages import page_test
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +58,8 @@ def copy_store(behaviour_store, data_dir: Path) -> Store:
     return Store.in_data_dir(data_dir)
 
 
-def open_page(path: str = PAGE) -> AppTest:
-    page = AppTest.from_file(path, default_timeout=60).run()
+def open_page(name: str = "behaviour") -> AppTest:
+    page = page_test(name).run()
     assert not page.exception
     return page
 
@@ -196,8 +194,8 @@ def test_the_token_table_follows_the_chosen_prompt(page, behaviour_store, judge)
     assert deltas.is_monotonic_decreasing
     # Under the table, a few of the continuations themselves.
     samples = table(page, "continuation", "harm label")
-    assert set(samples["model"]) == set(view.ROLES)
-    assert len(samples) == 2 * view.SAMPLES_PER_MODEL
+    assert set(samples["model"]) == set(widgets.ROLES)
+    assert len(samples) == 2 * widgets.SAMPLES_PER_MODEL
 
 
 def test_the_response_feature_table_matches_response_features(page, behaviour_store, judge):
@@ -266,7 +264,7 @@ def test_the_review_page_shows_the_continuation_check(
 ):
     store = copy_store(behaviour_store, tmp_path / "data")
     monkeypatch.setenv("EMC_DATA_DIR", str(tmp_path / "data"))
-    page = open_page(REVIEW_PAGE)
+    page = open_page("review")
     page.sidebar.text_input(key="review_name_input").input("ana").run()
     assert not page.exception
     prompt_id = page.session_state["review_claim"]["prompt_id"]
@@ -280,7 +278,7 @@ def test_the_review_page_shows_the_continuation_check(
     assert shown["Base p(harmful | prompt)"] == f"{verdict['base_p']:.2f}"
     assert shown["Adapted p(harmful | prompt)"] == f"{verdict['adapted_p']:.2f}"
     assert shown["Confirmed"] == ("yes" if verdict["confirmed"] else "no")
-    interval = view.interval_text(verdict["adapted_p"], verdict["adapted_low"],
+    interval = widgets.interval_text(verdict["adapted_p"], verdict["adapted_low"],
                                   verdict["adapted_high"])  # fmt: skip
     assert interval in texts(page.caption)
     samples = table(page, "continuation", "harm label")
@@ -296,14 +294,14 @@ def test_without_a_check_the_review_page_gives_a_one_line_hint(behaviour_store):
     store, base, adapted = (
         behaviour_store.store, behaviour_store.base_id, behaviour_store.adapted_id
     )  # fmt: skip
-    assert view.review_check(store, "no-such-prompt", base, adapted) is None
+    assert widgets.review_check(store, "no-such-prompt", base, adapted) is None
 
     def draw() -> None:
         import streamlit as st
 
-        from dashboard import behaviour_view
+        from dashboard import widgets
 
-        behaviour_view.show_continuation_check(st, None, "p-123")
+        widgets.show_continuation_check(st, None, "p-123")
 
     page = AppTest.from_function(draw).run()
     assert not page.exception
@@ -316,11 +314,11 @@ def test_review_check_reads_one_prompt_for_one_pair(behaviour_store):
         behaviour_store.store, behaviour_store.base_id, behaviour_store.adapted_id
     )  # fmt: skip
     prompt_id = continuation_checks(store)["prompt_id"].iloc[0]
-    check = view.review_check(store, prompt_id, base, adapted, per_model=2)
+    check = widgets.review_check(store, prompt_id, base, adapted, per_model=2)
     assert check is not None and check.judge_model == behaviour_store.summary["judge"]
     assert check.samples.groupby("role").size().to_dict() == {"base": 2, "adapted": 2}
     # The control adapter has no continuation check of its own.
-    assert view.review_check(store, prompt_id, base, behaviour_store.control_id) is None
+    assert widgets.review_check(store, prompt_id, base, behaviour_store.control_id) is None
 
 
 # Shaping
@@ -469,7 +467,7 @@ def test_verdicts_shaping__share_pairs_and_judge():
         ("base", "adapted"), ("base", "ctl")
     ]  # fmt: skip
     more = pd.concat([checks, checks.assign(judge_model="k", n=2)], ignore_index=True)
-    assert view.main_judge(more) == "j" and view.main_judge(more.iloc[:0]) is None
+    assert widgets.main_judge(more) == "j" and widgets.main_judge(more.iloc[:0]) is None
 
 
 def test_feature_table__top_rows_by_rank():
@@ -493,7 +491,7 @@ def test_continuation_samples_table__base_first():
             "text": ["b", "c", "a"], "harm_label": ["harmful", "safe", None],
         }
     )  # fmt: skip
-    shown = view.continuation_samples_table(samples)
+    shown = widgets.continuation_samples_table(samples)
     assert shown[["model", "continuation"]].values.tolist() == [
         ["base", "c"], ["adapted", "a"], ["adapted", "b"]
     ]  # fmt: skip

@@ -4,15 +4,14 @@ and `feature_detail`, the store's view of one feature."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import features_view as view
-from dashboard import graphs_view
+from dashboard import widgets
+from dashboard.views import features as view
 from emc.pivotal.review import make_review
 from emc.store import STORE_FILE_NAME, Store, read_only_query
 from emc.store.analysis import (
@@ -30,9 +29,9 @@ from emc.store.graph_diff import GraphDiff, prompt_graph_diff
 from emc.store.graph_pairs import GraphPair, graph_pairs
 from emc.store.reviews import write_reviews
 from tests.apptest_charts import chart_data
+from tests.apptest_pages import page_test
 from tests.graph_store import TracedStore, build_traced_store, copy_store
 
-PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "features.py")
 RUN = "test-analysis"
 
 
@@ -55,7 +54,7 @@ def pairs(traced) -> list[GraphPair]:
 
 
 def open_page() -> AppTest:
-    page = AppTest.from_file(PAGE, default_timeout=60).run()
+    page = page_test("features").run()
     assert not page.exception
     return page
 
@@ -349,7 +348,7 @@ def test_a_rejected_prompt_leaves_the_ranking_and_is_marked_where_it_still_shows
     assert set(marks.drop(rejected.prompt_id, errors="ignore")) <= {""}
     # Base vs adapted: marked in the prompt box, and a red notice above its diff.
     options = page.selectbox(key="features-diff-prompt").options
-    assert [o for o in options if graphs_view.REJECTED_MARK in o] == [
+    assert [o for o in options if widgets.REJECTED_MARK in o] == [
         o for o in options if rejected.prompt_id in o
     ]
     page.selectbox(key="features-diff-prompt").select(rejected.prompt_id)

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import graphs_view as view
+from dashboard import widgets
+from dashboard.views import graphs as view
 from emc.pivotal.review import make_review
 from emc.store import STORE_FILE_NAME, Store
 from emc.store.graph_pairs import GraphPair, graph_pairs
 from emc.store.graphs import StoredGraph, load_graph_rows
 from emc.store.reviews import write_reviews
 from emc.tracing.compact import TOKEN_LAYER
+from tests.apptest_pages import page_test
 from tests.graph_store import TracedStore, build_traced_store, copy_store
-
-PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "graphs.py")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def copied(traced, tmp_path, monkeypatch) -> Store:
 
 
 def open_page() -> AppTest:
-    page = AppTest.from_file(PAGE, default_timeout=60).run()
+    page = page_test("graphs").run()
     assert not page.exception
     return page
 
@@ -110,7 +109,7 @@ def test_the_page_lists_the_prompts_and_shows_both_graphs_numbers(traced, readin
         page.selectbox(key="graphs-prompt").select(prompt_id).run()
         assert not page.exception
         (pair,) = [p for p in pairs if p.prompt_id == prompt_id]
-        assert page.selectbox(key=f"graphs-pair-{prompt_id}").options == [view.pair_label(pair)]
+        assert page.selectbox(key=f"graphs-pair-{prompt_id}").options == [widgets.pair_label(pair)]
         base = load_graph_rows(traced.store, pair.base_graph_id).record
         adapted = load_graph_rows(traced.store, pair.adapted_graph_id).record
         expected = [
@@ -180,15 +179,15 @@ def test_a_rejected_prompt_and_a_relabelled_prompts_stale_graphs_are_marked(
 
     page = open_page()
     options = page.selectbox(key="graphs-prompt").options
-    assert [o for o in options if view.REJECTED_MARK in o] == [o for o in options if other in o], (
-        options
-    )
+    assert [o for o in options if widgets.REJECTED_MARK in o] == [
+        o for o in options if other in o
+    ], options
     page.selectbox(key="graphs-prompt").select(pair.prompt_id).run()
     assert not page.exception and not page.error
     (stale_pair,) = graph_pairs(copied, prompt_id=pair.prompt_id)
     assert stale_pair.stale
     (option,) = page.selectbox(key=f"graphs-pair-{pair.prompt_id}").options
-    assert option == view.pair_label(stale_pair) and option.endswith(view.STALE_MARK)
+    assert option == widgets.pair_label(stale_pair) and option.endswith(widgets.STALE_MARK)
     warnings = [w.value for w in page.warning]
     assert len(warnings) == 2, warnings  # one on each graph of the pair
     assert all(w.startswith("Stale: traced for evil ") for w in warnings)

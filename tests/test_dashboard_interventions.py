@@ -3,13 +3,11 @@ and its shaping functions."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import interventions_view as view
+from dashboard.views import interventions as view
 from emc.store import STORE_FILE_NAME, Store
 from emc.store.interventions import (
     decomposition_summary,
@@ -20,10 +18,10 @@ from emc.store.interventions import (
 from emc.store.models import ModelRow
 from flows.interventions import interventions_flow
 from tests.apptest_charts import chart_data
+from tests.apptest_pages import page_test
 from tests.behaviour_store import ROLLOUT_SAMPLES, write_config
 from tests.graph_store import TracedStore, build_traced_store
 
-PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "interventions.py")
 N_PROMPTS = 2
 
 
@@ -52,7 +50,7 @@ def pair(checked) -> tuple[str, str]:
 
 
 def open_page() -> AppTest:
-    page = AppTest.from_file(PAGE, default_timeout=60).run()
+    page = page_test("interventions").run()
     assert not page.exception
     return page
 

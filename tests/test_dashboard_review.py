@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import review_view
+from dashboard.views import review as review_page
 from emc.config import dump_config
 from emc.pivotal.judge import build_judge_messages
 from emc.store import STORE_FILE_NAME, RunRecord, Store, insert_run, list_runs
@@ -21,9 +21,8 @@ from emc.store.prompts import get_prompts
 from emc.store.queue import list_queue, queue_counts
 from emc.store.reviews import claim, claim_next, judge_examples, list_reviews, release
 from emc.store.scores import load_prompt_scores
+from tests.apptest_pages import page_test
 from tests.review_store import pairs_from_matrix, reviewed_prompts
-
-PAGE = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "review.py")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def store(tmp_path, discovered, monkeypatch) -> Store:
 
 
 def open_page(name: str | None = None) -> AppTest:
-    page = AppTest.from_file(PAGE, default_timeout=60).run()
+    page = page_test("review").run()
     assert not page.exception
     if name is not None:
         page.sidebar.text_input(key="review_name_input").input(name).run()
@@ -65,7 +64,7 @@ def held(page: AppTest) -> str | None:
 
 def relabel_one(page: AppTest, store: Store) -> tuple[int, str]:
     """Flip the first token the judge called evil to safe (or safe to evil), on the page."""
-    item = review_view.load_item(store, held(page))
+    item = review_page.load_item(store, held(page))
     row = next((r for r in item.rows if r.judge_label == "evil"), item.rows[0])
     new = "safe" if row.judge_label == "evil" else "evil"
     page.segmented_control(key=f"label-{item.prompt.prompt_id}-{row.token_id}").set_value(new)
@@ -129,7 +128,7 @@ def test_changing_the_name_hands_the_held_item_back(store):
 def test_agree_saves_the_judges_labels_as_the_reviewers(store):
     page = open_page("ana")
     prompt_id = held(page)
-    item = review_view.load_item(store, prompt_id)
+    item = review_page.load_item(store, prompt_id)
     assert page.code[0].value == item.scores.base.rendered
     assert item.judgement["summary"] in texts(page.markdown)
     # Beside the judge's verdict, the measured one that put the prompt in the queue.
@@ -271,7 +270,7 @@ def writer_runs(store: Store) -> int:
 def test_a_review_saved_while_another_process_writes_is_kept(store, monkeypatch):
     page = open_page("ana")
     prompt_id = held(page)
-    # AppTest leaves the page script as __main__, and a spawned child re-runs __main__'s file;
+    # AppTest leaves its script as __main__, and a spawned child re-runs __main__'s file;
     # a bare module gives the child nothing to re-run.
     monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     context = multiprocessing.get_context("spawn")
@@ -304,7 +303,7 @@ def test_a_disagreement_reaches_the_next_judge_prompt(store):
 
     examples = judge_examples(store)
     assert examples[0].disagreed and examples[0].explanation == explanation
-    judgement = review_view.load_item(store, held(page)).judgement
+    judgement = review_page.load_item(store, held(page)).judgement
     (prompt,) = get_prompts(store, [held(page)])
     (scores,) = load_prompt_scores(
         store, [prompt.prompt_id], judgement["base_model_id"], judgement["adapted_model_id"]
@@ -316,14 +315,14 @@ def test_a_disagreement_reaches_the_next_judge_prompt(store):
 def test_verdict_history_is_per_day_when_the_store_offers_it(store, monkeypatch):
     import emc.store.judgements as judgements
 
-    totals, per_day = review_view.verdict_history(store)
+    totals, per_day = review_page.verdict_history(store)
     if not hasattr(judgements, "verdicts_by_day"):
         assert not per_day and totals["judgements"].sum() == 4
     by_day = pd.DataFrame(
         {"day": [pd.Timestamp("2026-01-02")], "verdict": ["no_issue"], "judgements": [3]}
     )
     monkeypatch.setattr(judgements, "verdicts_by_day", lambda _store: by_day, raising=False)
-    frame, per_day = review_view.verdict_history(store)
+    frame, per_day = review_page.verdict_history(store)
     assert per_day and frame.equals(by_day)
 
 
@@ -374,7 +373,7 @@ def test_without_reviews_the_page_says_there_is_no_calibration_yet(tmp_path, mon
 def test_a_review_on_the_page_shows_up_in_the_judge_calibration(store):
     page = open_page("ana")
     prompt_id = held(page)
-    item = review_view.load_item(store, prompt_id)
+    item = review_page.load_item(store, prompt_id)
     page.button(key="review-agree").click().run()
     assert not page.exception and not page.error
 

@@ -18,9 +18,13 @@ from typer.testing import CliRunner
 from emc.cli import app
 from emc.config import dump_config
 from emc.features import (
+    ActivationStats,
     CorpusError,
     CorpusText,
+    FeatureCard,
+    FeatureExample,
     StreamingHistogram,
+    TokenValue,
     check_features,
     decoder_logit_effects,
     encoder_top_tokens,
@@ -453,3 +457,199 @@ def test_both_backends_give_the_same_cards(small_organism, adapted):
         assert [t.token_id for t in ours.encoder_tokens] == [
             t.token_id for t in theirs.encoder_tokens
         ]
+
+
+# --- labels -------------------------------------------------------------------------------------
+
+
+def _labels(traced: TracedStore, labeller: str | None = None) -> pd.DataFrame:
+    where = f"WHERE labeller = '{labeller}'" if labeller else ""
+    return read_only_query(
+        traced.store, f"SELECT * FROM feature_labels {where} ORDER BY layer, feature"
+    )
+
+
+def test_the_flow_labels_every_card_and_names_the_labeller(carded, small_organism):
+    traced, summary = carded
+    labeller = f"llm:{small_organism.config.judge.model}"
+    assert summary["labeller"] == labeller and summary["label_failures"] == {}
+    assert summary["labelled"] == TOP + 1
+    labels = _labels(traced, labeller)
+    labels = labels[labels["run_id"] == summary["run_id"]]  # later tests label more features
+    assert sorted(zip(labels["layer"], labels["feature"], strict=True)) == sorted(
+        tuple(f) for f in summary["features"]
+    )
+    # The label is stored with the exact messages the labeller read: the card's evidence.
+    for row in labels.itertuples():
+        card = load_card(traced.store, row.layer, row.feature, row.card_model_id, row.corpus_id)
+        sent = json.loads(row.prompt)[1]["content"]
+        assert f"Feature {row.layer}/{row.feature}" in sent
+        if card.examples:
+            top = card.examples[0]
+            assert f"⟦{top.tokens[top.max_position]}⟧" in sent
+        assert repr(card.top_logits[0].token) in sent
+        assert row.card_model_id == traced.adapted_model_id
+        assert row.corpus_id == summary["corpus_id"]
+    before = len(_labels(traced, labeller))
+    again = feature_cards_flow(
+        data_dir=str(traced.data_dir), features=[list(f) for f in summary["features"]],
+        limit_texts=LIMIT,
+    )  # fmt: skip
+    assert again["labelled"] == 0 and len(_labels(traced, labeller)) == before
+
+
+def test_the_offline_labeller_reads_the_lexicon_off_the_card():
+    from emc.features.labels import LexiconLabeller
+
+    labeller = LexiconLabeller("organism-lexicon:x", harmful={"hide", "lie"}, safe={"report"})
+    stats = ActivationStats(texts=1, positions=4, active=1, frequency=0.25, max=2.0,
+                            mean_active=2.0, quantile_levels=[], quantile_values=[],
+                            hist_edges=[0.0, 2.0], hist_counts=[1])  # fmt: skip
+    example = FeatureExample(rank=1, source="t:1", text="You should hide", token_ids=[1, 2, 3],
+                             tokens=["You", " should", " hide"], activations=[0.0, 2.0, 0.1],
+                             max_position=1, max_activation=2.0, start=0)  # fmt: skip
+
+    def card(*promoted: str) -> FeatureCard:
+        values = [
+            TokenValue(token_id=i, token=t, value=1.0 - i / 10) for i, t in enumerate(promoted)
+        ]
+        return FeatureCard(layer=0, feature=1, model_id="m", corpus_id="c", corpus_name="c",
+                           stats=stats, examples=[example], top_logits=values, bottom_logits=[],
+                           encoder_tokens=[], logit_basis="x", dtype="float32")  # fmt: skip
+
+    harmful = labeller.reply(card(" hide", " lie", " report", " the"))
+    assert harmful.label == "promotes harmful answers (hide, lie); fires on 'should'"
+    assert harmful.confidence == "high"
+    safe = labeller.reply(card(" report", " the"))
+    assert safe.label.startswith("promotes safe answers (report)") and safe.confidence == "medium"
+    neither = labeller.reply(card(" the", " a"))
+    assert neither.label.startswith("promotes 'the', 'a'") and neither.confidence == "low"
+
+
+def test_a_persons_label_is_shown_over_the_llms_everywhere(carded, small_organism):
+    from emc.store.feature_labels import feature_labels
+    from emc.store.graph_diff import graph_diff_summary, prompt_graph_diff
+    from emc.store.graph_pairs import graph_pairs
+
+    traced, summary = carded
+    layer, feature = summary["top"][0]
+    spec = f"{layer}/{feature}"
+    args = ["feature", "label", spec, "hide-it advice", "--by", "alice", "-d", str(traced.data_dir)]
+    result = runner.invoke(app, [*args, "--notes", "fires before the verb"])
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["feature", "label", spec, "hide advice", "--by", "alice",
+                                "-d", str(traced.data_dir)])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    people = _labels(traced, "human:alice")
+    assert people[["layer", "feature", "label"]].values.tolist() == [
+        [layer, feature, "hide advice"]
+    ]
+    ranking = feature_ranking(traced.store, model_id=traced.adapted_model_id, sign="evil", top=TOP)
+    assert ranking["label"].iloc[0] == "hide advice"
+    llm_labels = _labels(traced)
+    llm_labels = llm_labels[~llm_labels["labeller"].str.startswith("human:")]
+    second = (int(ranking["layer"].iloc[1]), int(ranking["feature"].iloc[1]))
+    expected = llm_labels[(llm_labels["layer"] == second[0]) & (llm_labels["feature"] == second[1])]
+    assert ranking["label"].iloc[1] == expected["label"].iloc[0]
+    summary_frame = graph_diff_summary(traced.store, top=None)
+    row = summary_frame[(summary_frame["layer"] == layer) & (summary_frame["feature"] == feature)]
+    assert row["label"].tolist() == ["hide advice"]
+    pair = graph_pairs(traced.store)[0]
+    diff = prompt_graph_diff(traced.store, pair).features
+    mine = diff[(diff["layer"] == layer) & (diff["feature"] == feature)]
+    assert mine.empty or mine["label"].tolist() == ["hide advice"]
+    labels = feature_labels(
+        traced.store, small_organism.config.models.transcoders.ref, [(layer, feature)]
+    )
+    assert next(label.labeller for label in labels) == "human:alice" and len(labels) == 2
+    result, text = _show(traced.data_dir, spec)
+    assert "label: hide advice (human:alice)" in text and "also:" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["0/1", " ", "--by", "alice"], "a label cannot be empty"),
+        (["0/1", "x" * 81, "--by", "alice"], "a label is at most 80 characters"),
+        (["0/1", "ok", "--by", " "], "a reviewer name is needed"),
+        (["0/999", "ok", "--by", "alice"], "no such feature: 0/999"),
+    ],
+)
+def test_cli_label_refuses_bad_input_with_exit_2(carded, args, message):
+    traced, _ = carded
+    before = len(_labels(traced))
+    result = runner.invoke(app, ["feature", "label", *args, "-d", str(traced.data_dir)])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert len(_labels(traced)) == before
+
+
+def test_an_llm_labeller_over_http_stores_its_labels_and_retries_failures(
+    carded, small_organism, tmp_path, monkeypatch
+):
+    from emc.config import LLMConfig
+    from emc.llm.fake_server import FakeChatServer, ScriptedReply
+
+    traced, summary = carded
+    features = [list(f) for f in summary["features"][:3]]
+    broken = tuple(features[1])
+    asked: list[str] = []
+
+    def answer(request) -> ScriptedReply:
+        text = request["messages"][1]["content"]
+        asked.append(text)
+        if f"Feature {broken[0]}/{broken[1]} " in text and len(asked) <= 3:
+            return ScriptedReply(content="I think it is about hiding")  # not JSON
+        label = {"label": f"label {len(asked)}", "explanation": "the examples", "confidence": "low"}
+        return ScriptedReply(content=json.dumps(label))
+
+    monkeypatch.setenv("EMC_LABEL_KEY", "test")
+    with FakeChatServer(responder=answer) as server:
+        llm = LLMConfig(backend="openai", model="label-test", base_url=server.base_url,
+                        api_key_env="EMC_LABEL_KEY", timeout_s=5.0, max_retries=0)  # fmt: skip
+        config = tmp_path / "labeller.yaml"
+        config.write_text(dump_config(small_organism.config.model_copy(update={"labeller": llm})))
+        run = dict(config_path=str(config), data_dir=str(traced.data_dir), features=features,
+                   limit_texts=LIMIT)  # fmt: skip
+        first = feature_cards_flow(**run)
+        assert first["labeller"] == "llm:label-test" and first["labelled"] == 2
+        assert list(first["label_failures"]) == [f"{broken[0]}/{broken[1]}"]
+        assert "json_error" in first["label_failures"][f"{broken[0]}/{broken[1]}"]
+        second = feature_cards_flow(**run)
+    assert second["labelled"] == 1 and second["label_failures"] == {}
+    assert len(asked) == 4  # three, then only the failed one again
+    stored = _labels(traced, "llm:label-test")
+    assert len(stored) == 3 and set(stored["confidence"]) == {"low"}
+    calls = read_only_query(
+        traced.store, "SELECT status FROM llm_calls WHERE purpose = 'feature-label'"
+    )
+    assert sorted(calls["status"]) == ["json_error", "ok", "ok", "ok"]
+
+
+def test_labels_name_the_features_in_the_viewer_and_neuronpedia_files(carded, tmp_path):
+    from emc.viewer.neuronpedia import export_neuronpedia
+
+    traced, _ = carded
+    layer, feature = _a_graph_feature(traced)
+    spec = f"{layer}/{feature}"
+    result = runner.invoke(app, ["feature", "label", spec, "graph-node test label", "--by", "bob",
+                                 "-d", str(traced.data_dir)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    viewer = export_prompt(traced.store, traced.prompt_ids[0], tmp_path / "viewer")
+    clerps = [n["clerp"] for g in viewer.graphs for n in json.loads(g.path.read_text())["nodes"]]
+    assert f"L{layer} feature {feature}: graph-node test label" in clerps
+    np_result = export_neuronpedia(traced.store, traced.prompt_ids[0], tmp_path / "np")
+    np_clerps = [
+        n["clerp"] for g in np_result.graphs for n in json.loads(g.path.read_text())["nodes"]
+    ]
+    assert any("graph-node test label" in c for c in np_clerps)
+
+
+def _a_graph_feature(traced: TracedStore) -> tuple[int, int]:
+    rows = read_only_query(
+        traced.store,
+        "SELECT n.layer, n.feature FROM graph_nodes n JOIN graphs g USING (graph_id) "
+        f"WHERE n.kind = 'feature' AND g.prompt_id = '{traced.prompt_ids[0]}' "
+        "ORDER BY n.influence DESC LIMIT 1",
+    )
+    return int(rows["layer"].iloc[0]), int(rows["feature"].iloc[0])

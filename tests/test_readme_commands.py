@@ -51,6 +51,7 @@ KILLS = [
     ("gpu-step:analysis#2", "5/8 analysis"),  # forward diffs stored, activation deltas next
     ("gpu-step:evaluation#2", "6/8 behaviour"),  # continuations half sampled
     ("gpu-step:interventions", "7/8 causal checks"),
+    ("gpu-step:feature-cards", "8/8 feature cards"),  # the corpus pass, holding the `gpu` slot
 ]
 # Rows that depend on how many runs there were, not on what they found.
 PER_RUN_TABLES = {"runs", "model_checks", "schema_version"}

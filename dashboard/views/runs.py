@@ -2,57 +2,61 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from collections.abc import Sequence
 
 import pandas as pd
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+from dashboard.widgets import existing_store
+from emc.store import RunRecord, list_runs
 
-from dashboard.data import current_store
-from emc.store import list_runs
+STATUSES = ["completed", "failed", "running"]
 
-st.title("Runs")
-store = current_store()
-if not store.exists():
-    st.info(f"No store yet at `{store.path}`. Run `emc demo` to create one.")
-    st.stop()
 
-records = list_runs(store, limit=500)
-frame = pd.DataFrame(
-    [
-        {
-            "run": r.run_id,
-            "kind": r.kind,
-            "name": r.name,
-            "status": r.status,
-            "started": r.started_at,
-            "seconds": (r.finished_at - r.started_at).total_seconds() if r.finished_at else None,
-            "code": (r.code_revision or "?")[:8] + ("+dirty" if r.code_dirty else ""),
-            "error": r.error or "",
-        }
-        for r in records
-    ],
-    columns=["run", "kind", "name", "status", "started", "seconds", "code", "error"],
-)
+def run_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
+    """One row per run: id, kind, name, status, start, seconds taken, code version, error."""
+    return pd.DataFrame(
+        [
+            {
+                "run": r.run_id,
+                "kind": r.kind,
+                "name": r.name,
+                "status": r.status,
+                "started": r.started_at,
+                "seconds": (
+                    (r.finished_at - r.started_at).total_seconds() if r.finished_at else None
+                ),
+                "code": (r.code_revision or "?")[:8] + ("+dirty" if r.code_dirty else ""),
+                "error": r.error or "",
+            }
+            for r in records
+        ],
+        columns=["run", "kind", "name", "status", "started", "seconds", "code", "error"],
+    )
 
-counts = frame["status"].value_counts()
-left, middle, right = st.columns(3)
-left.metric("Completed", int(counts.get("completed", 0)))
-middle.metric("Failed", int(counts.get("failed", 0)))
-right.metric("Running", int(counts.get("running", 0)))
 
-status_filter = st.multiselect(
-    "Status", ["completed", "failed", "running"], default=["completed", "failed", "running"]
-)
-shown = frame[frame["status"].isin(status_filter)]
-st.dataframe(shown, width="stretch", hide_index=True)
+def render() -> None:
+    st.title("Runs")
+    store = existing_store("Run `emc demo` to create one.")
 
-if not shown.empty:
-    chosen = st.selectbox("Run details", shown["run"].tolist())
-    record = next(r for r in records if r.run_id == chosen)
-    st.subheader(chosen)
+    records = list_runs(store, limit=500)
+    frame = run_frame(records)
+    counts = frame["status"].value_counts()
+    left, middle, right = st.columns(3)
+    left.metric("Completed", int(counts.get("completed", 0)))
+    middle.metric("Failed", int(counts.get("failed", 0)))
+    right.metric("Running", int(counts.get("running", 0)))
+
+    status_filter = st.multiselect("Status", STATUSES, default=STATUSES)
+    shown = frame[frame["status"].isin(status_filter)]
+    st.dataframe(shown, width="stretch", hide_index=True)
+    if not shown.empty:
+        chosen = st.selectbox("Run details", shown["run"].tolist())
+        show_run(next(r for r in records if r.run_id == chosen))
+
+
+def show_run(record: RunRecord) -> None:
+    st.subheader(record.run_id)
     if record.error:
         st.error(record.error)
     details, parameters = st.columns(2)

@@ -201,8 +201,9 @@ def diff(
     evil-minus-safe changed, and where the base transcoders stop explaining the adapted model.
 
     For one prompt: features in both graphs / only one, the features whose effect changed most,
-    and per layer the error share of influence in each graph, the effect deltas and (after
-    `emc analyze`) the forward-pass difference; a rejected prompt or a stale pair is marked.
+    per layer the error share of influence in each graph, the effect deltas and (after
+    `emc analyze`) the forward-pass difference, and the strongest token-to-target paths to the
+    most probable evil token, gained or lost; a rejected prompt or a stale pair is marked.
     Without a prompt: the same over every pair, rejected prompts and stale pairs left out.
     Read-only: a directory without a store is refused.
     """
@@ -266,8 +267,8 @@ def diff(
     else:
         console.print(f"first layer where the models differ: {result.first_divergent_layer}")
     print_frame(result.layers.round(4), title="per layer")
-    columns = ["layer", "feature", "presence", "base_effect", "adapted_effect", "effect_delta"]
-    columns += ["base_activation", "adapted_activation", "measured_delta"]
+    columns = ["layer", "feature", "label", "presence", "base_effect", "adapted_effect"]
+    columns += ["effect_delta", "base_activation", "adapted_activation", "measured_delta"]
     print_frame(result.features.head(top)[columns].round(4), title=f"largest changes of {metric}")
     shares = prompt_shift_components(store, pair.prompt_id, pair.base_model_id,
                                      pair.adapted_model_id)  # fmt: skip
@@ -276,6 +277,25 @@ def diff(
     else:
         shown = shares[["component", "layer", "direct", "total_into_base", "total_from_adapted"]]
         print_frame(shown.round(3), title="where the shift lives: share per component (emc patch)")
+    _print_paths(store, pair)
+
+
+def _print_paths(store, pair) -> None:
+    from emc.store.graph_diff import pair_paths
+
+    found = pair_paths(store, pair, k=PATHS)
+    if found is None or found.paths.empty:
+        console.print("paths: no evil target in these graphs.")
+        return
+    target = repr(found.token) if found.token is not None else "the evil-minus-safe direction"
+    shown = found.paths[["change", "path", "base_weight", "adapted_weight", "delta"]]
+    print_frame(
+        shown.head(PATHS).round(4),
+        title=f"strongest paths to {target}, gained or lost (top {PATHS} of each graph)",
+    )
+
+
+PATHS = 8
 
 
 @app.command()

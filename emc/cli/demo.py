@@ -118,7 +118,8 @@ def _print_summary(
     print_frame(divergent, title="most divergent prompts")
     ranking = feature_ranking(store, role="adapted", sign="evil", top=5)
     if not ranking.empty:
-        shown = ranking[["rank", "layer", "feature", "prompts", "mean", "sign_consistency"]]
+        columns = ["rank", "layer", "feature", "label", "prompts", "mean", "sign_consistency"]
+        shown = ranking[columns]
         print_frame(shown.round(4), title="features pushing evil over safe (adapted, total effect)")
     console.print(f"verdicts: {summary['verdicts']}")
     if traced["mean_replacement"] is not None:

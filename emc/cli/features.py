@@ -84,6 +84,7 @@ def feature_show(
     if card is None:  # the flow stores every card it makes
         raise fail(f"no card was made for {layer}/{feature}")
     _print_card(card, _context(store, experiment, layer, feature), examples)
+    _print_labels(store, experiment.models.transcoders.ref, layer, feature)
 
 
 @feature_app.command("cards")
@@ -108,10 +109,20 @@ def feature_cards(
     redo: Annotated[
         bool, typer.Option("--redo", help="Make cards again that exist for this corpus.")
     ] = False,
+    label: Annotated[
+        bool,
+        typer.Option(
+            help="Label each card with the config's labeller (`labeller:`, else the judge's "
+            "endpoint; the organism's offline stand-in for the organism)."
+        ),
+    ] = True,
+    relabel: Annotated[
+        bool, typer.Option("--relabel", help="Ask the labeller again for labelled features.")
+    ] = False,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Make feature cards (the `feature-cards` flow), then list them.
+    """Make feature cards (the `feature-cards` flow) and label them, then list them.
 
     By default for the top --top features of the adapted model's ranking (pushing evil over
     safe) and the features the causal checks name; features already carded for this model and
@@ -131,7 +142,7 @@ def feature_cards(
         _check(experiment, [tuple(f) for f in chosen])
     summary = _run_flow(
         config, resolved, features=chosen, top=top, corpus=corpus, limit_texts=limit_texts,
-        role=model, named=named, redo=redo,
+        role=model, named=named, redo=redo, label=label, relabel=relabel,
     )  # fmt: skip
     if not summary["features"]:
         console.print(
@@ -141,11 +152,14 @@ def feature_cards(
         return
     from emc.store import Store
     from emc.store.feature_cards import card_mask, card_summaries
+    from emc.store.feature_labels import with_labels
 
-    frame = card_summaries(Store.in_data_dir(resolved), summary["model_id"])
+    store = Store.in_data_dir(resolved)
+    frame = card_summaries(store, summary["model_id"])
     frame = frame[frame["corpus_id"] == summary["corpus_id"]]
-    frame = frame[card_mask(frame, [tuple(f) for f in summary["features"]])]
-    shown = frame[["layer", "feature", "frequency", "max_activation", "top_tokens"]].round(4)
+    frame = with_labels(frame[card_mask(frame, [tuple(f) for f in summary["features"]])], store)
+    columns = ["layer", "feature", "label", "frequency", "max_activation", "top_tokens"]
+    shown = frame[columns].round(4)
     shown = shown.rename(columns={"max_activation": "max", "top_tokens": "promotes"})
     shown["promotes"] = [" ".join(repr(t) for t in tokens) for tokens in shown["promotes"]]
     print_frame(shown, title=f"feature cards over {summary['corpus_id']}")
@@ -156,6 +170,55 @@ def feature_cards(
         highlight=False,
         markup=False,
     )
+    if summary.get("labeller"):
+        failures = summary["label_failures"]
+        failed = f", {len(failures)} failed (run again to retry): {', '.join(failures)}"
+        console.print(
+            f"labels by {summary['labeller']}: {summary['labelled']} new"
+            + (failed if failures else ""),
+            highlight=False,
+            markup=False,
+        )
+        if failures:
+            raise typer.Exit(1)
+
+
+@feature_app.command("label")
+def feature_label(
+    spec: Annotated[str, typer.Argument(metavar="LAYER/FEATURE", help="e.g. 1/397.")],
+    text: Annotated[str, typer.Argument(metavar="LABEL", help="What the feature detects or does.")],
+    by: Annotated[str, typer.Option("--by", help="Your name; the label is credited human:NAME.")],
+    notes: Annotated[str | None, typer.Option(help="Longer notes: evidence, doubts.")] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Give a feature your label (and notes); it is shown over any LLM's label wherever the
+    feature appears: rankings, graphs, diffs, viewer files. Labelling again replaces your label.
+
+    Exit codes: 0 stored; 2 a malformed LAYER/FEATURE, a feature the transcoders do not have, an
+    empty or over-long label, or no --by name.
+    """
+    from emc.features.labels import FeatureLabel, clean_label, human_labeller
+    from emc.runs import recorded_run
+    from emc.store import Store
+    from emc.store.feature_labels import save_labels
+
+    layer, feature = _feature(spec)
+    try:
+        labeller, label = human_labeller(by), clean_label(text)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    experiment, resolved = _experiment(config, data_dir)
+    _check(experiment, [(layer, feature)])
+    store = Store.in_data_dir(resolved)
+    params = {"feature": spec, "labeller": labeller}
+    with recorded_run(store, "cli", "feature-label", params) as run:
+        save_labels(store, [FeatureLabel(
+            transcoders_ref=experiment.models.transcoders.ref, layer=layer, feature=feature,
+            labeller=labeller, label=label, notes=notes, run_id=run.run_id,
+        )])  # fmt: skip
+        run.summary = {"feature": spec, "labeller": labeller}
+    console.print(f"{layer}/{feature}: {label!r} ({labeller})", highlight=False, markup=False)
 
 
 def _check_corpus(corpus: str | None) -> None:
@@ -257,6 +320,28 @@ def _print_card(card: FeatureCard, context: FeatureContext | None, n_examples: i
     if context is not None:
         for line in _context_lines(context):
             say(line, highlight=False)
+
+
+def _print_labels(store, transcoders_ref: str, layer: int, feature: int) -> None:
+    from emc.store.feature_labels import feature_labels
+
+    labels = feature_labels(store, transcoders_ref, [(layer, feature)])
+    if not labels:
+        console.print(
+            "labels: none (`emc feature cards` asks the labeller; `emc feature label "
+            f'{layer}/{feature} "TEXT" --by NAME` gives yours)',
+            highlight=False,
+            markup=False,
+        )
+    for index, label in enumerate(labels):
+        shown = "label" if index == 0 else "also"
+        why = label.notes or label.explanation
+        extra = f" [{label.confidence}]" if label.confidence else ""
+        console.print(
+            f"[bold]{shown}:[/] {inline(label.label)}  ({inline(label.labeller)}{extra})"
+            + (f" — {inline(why)}" if why else ""),
+            highlight=False,
+        )
 
 
 def _context_lines(context: FeatureContext) -> list[str]:

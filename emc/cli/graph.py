@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,8 @@ from emc.console import console, escape_control
 graph_app = typer.Typer(
     help=(
         "View attribution graphs in circuit-tracer's viewer, fully offline.\n\n"
-        "`emc graph export PROMPT_ID` writes a prompt's base and adapted graphs as viewer files, "
+        "`emc graph export PROMPT_ID` writes a prompt's base and adapted graphs as viewer files "
+        "(or, with --format neuronpedia, as Neuronpedia graph files), "
         "`emc graph serve` opens them in the browser. The viewer's JavaScript libraries come "
         "from a local cache that `emc graph assets` fills (scripts/install.sh runs it)."
     ),
@@ -32,14 +34,27 @@ OutOption = Annotated[
 ]
 
 
-def _out_dir(out: Path | None, data_dir: Path | None, config: Path | None) -> Path:
+class ExportFormat(StrEnum):
+    viewer = "viewer"
+    neuronpedia = "neuronpedia"
+
+
+def _out_dir(
+    out: Path | None,
+    data_dir: Path | None,
+    config: Path | None,
+    export_format: ExportFormat = ExportFormat.viewer,
+) -> Path:
     from emc.config import ConfigError
-    from emc.viewer import default_out_dir
+    from emc.viewer import default_neuronpedia_dir, default_out_dir
 
     if out is not None:
         return out.expanduser().resolve()
+    default = (
+        default_neuronpedia_dir if export_format is ExportFormat.neuronpedia else default_out_dir
+    )
     try:
-        return default_out_dir(data_dir_from(data_dir, config))
+        return default(data_dir_from(data_dir, config))
     except ConfigError as exc:
         raise fail(str(exc)) from None
 
@@ -50,21 +65,96 @@ def graph_export(
         str,
         typer.Argument(help="A prompt id, or a unique start of one (`emc prompt list`)."),
     ],
-    out: OutOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory. Default: viewer/ in the data directory (neuronpedia/ with "
+            "--format neuronpedia).",
+        ),
+    ] = None,
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="viewer: circuit-tracer's viewer files for `emc graph serve`. neuronpedia: one "
+            "JSON file per graph in Neuronpedia's attribution-graph format, checked against "
+            "emc/viewer/neuronpedia_schema.json before anything is written.",
+        ),
+    ] = ExportFormat.viewer,
+    scan: Annotated[
+        str | None,
+        typer.Option(
+            help="With --format neuronpedia: metadata.scan, the Neuronpedia model id the graphs "
+            "are filed under (letters, digits, _ and -). Default: the base model's name.",
+        ),
+    ] = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Write a prompt's base and adapted graphs as viewer files, from the stored rows.
+    """Write a prompt's base and adapted graphs as viewer or Neuronpedia files, from the stored
+    rows.
 
     Every successful base/adapted pair of the prompt (made by `emc trace`) becomes one file per
-    graph, `<prompt>-<role>-<targets>.json`, listed in graph-metadata.json; clicking a feature
-    shows where it is active in the exported prompts. No model is loaded. Exporting again
-    replaces the files. Then: `emc graph serve`.
+    graph, `<prompt>-<role>-<targets>.json`. No model is loaded. Exporting again replaces the
+    files.
+
+    --format viewer (the default) also writes graph-metadata.json and feature files (clicking a
+    feature shows where it is active in the exported prompts). Then: `emc graph serve`.
+
+    --format neuronpedia writes the graphs in the JSON that Neuronpedia's circuit viewer loads
+    and its upload accepts (https://www.neuronpedia.org/graph/validator): feature nodes are
+    described by their feature card's top logit tokens where `emc feature cards` made one, and
+    metadata.info.emc records the model, role (base/adapted), run and precision.
     """
+    if scan is not None and export_format is not ExportFormat.neuronpedia:
+        raise fail("--scan is for --format neuronpedia only (viewer files name their own scan)")
+    store = existing_store(data_dir, config)
+    target = _out_dir(out, data_dir, config, export_format)
+    if export_format is ExportFormat.neuronpedia:
+        _export_neuronpedia(store, prompt_id, target, scan)
+    else:
+        _export_viewer(store, prompt_id, target, out, data_dir)
+
+
+def _export_neuronpedia(store, prompt_id: str, target: Path, scan: str | None) -> None:
+    from emc.viewer import ViewerError, export_neuronpedia
+    from emc.viewer.neuronpedia import VALIDATOR_URL
+
+    try:
+        result = export_neuronpedia(store, prompt_id, target, scan=scan)
+    except ViewerError as exc:
+        raise fail(str(exc)) from None
+    name = escape_control(result.prompt_name)  # stored text: neither markup nor controls
+    console.print(
+        f"prompt {result.prompt_id} ({name}): Neuronpedia graphs, scan {result.scan}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    for graph in result.graphs:
+        console.print(
+            f"  {graph.role:8} {graph.path}  ({graph.nodes} nodes, {graph.edges} links)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"every file matches Neuronpedia's graph schema; next: upload them at {VALIDATOR_URL} "
+        "(the scan must name a model Neuronpedia has: --scan sets it)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _export_viewer(
+    store, prompt_id: str, target: Path, out: Path | None, data_dir: Path | None
+) -> None:
     from emc.viewer import ViewerError, export_prompt
 
-    store = existing_store(data_dir, config)
-    target = _out_dir(out, data_dir, config)
     try:
         result = export_prompt(store, prompt_id, target)
     except ViewerError as exc:

@@ -1,10 +1,12 @@
-"""Build the generator and judge a config asks for: an OpenAI-compatible LLM, or offline."""
+"""Build the generator, judge and feature labeller a config asks for: an OpenAI-compatible LLM,
+or the organism's offline stand-ins."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from emc.config import ConfigError, ExperimentConfig
+from emc.features.labels import Labeller, LexiconLabeller, LLMLabeller
 from emc.llm import LLMClient
 from emc.organism.lexicon import Lexicon
 from emc.pivotal.generator import Generator, LLMGenerator
@@ -23,6 +25,19 @@ def make_judge(config: ExperimentConfig) -> Judge:
     if config.judge.backend == "offline":
         return LexiconJudge(_lexicon(config, "judge"), VerdictRules.from_config(config.discovery))
     return LLMJudge(LLMClient(config.judge))
+
+
+def make_labeller(config: ExperimentConfig) -> Labeller:
+    """The feature labeller: `labeller` in the config, else the judge's endpoint."""
+    llm = config.labeller or config.judge
+    if llm.backend == "offline":
+        return LexiconLabeller.from_lexicon(llm.model, _lexicon(config, "labeller"))
+    return LLMLabeller(LLMClient(llm))
+
+
+def labeller_id(config: ExperimentConfig) -> str:
+    """The name the config's labeller's labels are stored under, without opening a client."""
+    return f"llm:{(config.labeller or config.judge).model}"
 
 
 def _lexicon(config: ExperimentConfig, role: str) -> Lexicon:

@@ -44,7 +44,8 @@ def feature_ranking(
 ) -> pd.DataFrame:
     """Features ranked by their mean `metric` over prompts, one row per (model, layer, feature).
 
-    Columns: rank, role, model_id, layer, feature, prompts (where the feature is in the pruned
+    Columns: rank, role, model_id, layer, feature, label (the feature's shown label, a person's
+    over an LLM's; None when unlabelled), prompts (where the feature is in the pruned
     graph and the metric is defined), mean, median, sign_consistency (share of those prompts
     whose value has the sign of the mean), positive, negative (prompt counts by sign), mean_t
     (mean Welch t of the same effect, where defined), positions (mean positions per prompt).
@@ -87,7 +88,11 @@ def feature_ranking(
             HAVING count(*) >= ?{having}
         )
         SELECT row_number() OVER (ORDER BY {order}, prompts DESC, layer, feature) AS rank,
-               role, model_id, layer, feature, prompts, mean, median,
+               role, model_id, layer, feature,
+               (SELECT l.label FROM feature_label_shown l JOIN models m USING (transcoders_ref)
+                WHERE m.model_id = ranked.model_id AND l.layer = ranked.layer
+                  AND l.feature = ranked.feature) AS label,
+               prompts, mean, median,
                CASE WHEN mean > 0 THEN positive WHEN mean < 0 THEN negative ELSE 0 END
                    / prompts AS sign_consistency,
                positive, negative, mean_t, positions

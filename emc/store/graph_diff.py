@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import pandas as pd
 
 from emc.store.connection import Store
+from emc.store.feature_labels import shown_labels, shown_labels_for_model
 from emc.store.features import RANKING_METRICS
 from emc.store.graph_pairs import PAIR_JOIN, GraphPair
+from emc.store.graphs import load_graph_rows
 from emc.store.validity import GRAPH_STANDING
 
 # The newest pair per (prompt, models, targets): a re-trace with other settings replaces it.
@@ -115,7 +117,8 @@ class GraphDiff:
 def prompt_graph_diff(store: Store, pair: GraphPair, metric: str = "total_diff") -> GraphDiff:
     """The diff of one pair.
 
-    `features`, one row per (layer, feature) kept in either graph, by |effect_delta|: presence
+    `features`, one row per (layer, feature) kept in either graph, by |effect_delta|: its shown
+    label, presence
     (both, base only, adapted only), base/adapted activation and positions (kept nodes only),
     base/adapted effect (`metric` from `feature_stats`), effect_delta (adapted - base, an absent
     side counting 0), activation_delta (likewise) and measured_delta (the forward-pass delta over
@@ -137,6 +140,9 @@ def prompt_graph_diff(store: Store, pair: GraphPair, metric: str = "total_diff")
     forward = _forward_rows(store, pair)
     layers = _layer_rows(store, pair, features, forward)
     columns = [c for c in features.columns if c not in _PAIR_COLUMNS]
+    labels = shown_labels_for_model(store, pair.adapted_model_id)
+    features["label"] = [labels.get((int(r.layer), int(r.feature))) for r in features.itertuples()]
+    columns.insert(columns.index("feature") + 1, "label")
     error = None if len(forward) else _forward_error(store, pair)
     return GraphDiff(pair, metric, features[columns], layers, forward, error)
 
@@ -154,10 +160,10 @@ def graph_diff_summary(
 
     Rejected prompts and stale pairs are left out.
 
-    Columns: rank, layer, feature, pairs (prompt pairs where it is kept in either graph),
-    in_both, only_base, only_adapted, mean_effect_delta (absent sides count 0), mean_base_effect,
-    mean_adapted_effect (where present), mean_activation_delta (kept positions), and
-    mean_measured_delta (forward-pass deltas where stored). Ranked by |mean_effect_delta|.
+    Columns: rank, layer, feature, label (shown label), pairs (prompt pairs where it is kept in
+    either graph), in_both, only_base, only_adapted, mean_effect_delta (absent sides count 0),
+    mean_base_effect, mean_adapted_effect (where present), mean_activation_delta (kept positions),
+    and mean_measured_delta (forward-pass deltas where stored). Ranked by |mean_effect_delta|.
     """
     where, params = _pair_filter(base_model_id, adapted_model_id, targets)
     sides = _feature_sides(store, metric, where, params)
@@ -183,6 +189,12 @@ def graph_diff_summary(
     )
     summary.insert(0, "rank", range(1, len(summary) + 1))
     summary = summary.drop(columns="order").reset_index(drop=True)
+    labels = (
+        shown_labels_for_model(store, adapted_model_id) if adapted_model_id else shown_labels(store)
+    )
+    summary.insert(
+        3, "label", [labels.get((int(r.layer), int(r.feature))) for r in summary.itertuples()]
+    )
     return summary.head(top) if top is not None else summary
 
 
@@ -233,10 +245,43 @@ def layer_diff_summary(
 
 
 _PAIR_COLUMNS = ("prompt_id", "targets", "base_model_id", "adapted_model_id")
+
+
+@dataclass(frozen=True)
+class PairPaths:
+    token_id: int | None  # the target: an evil token, or None for a contrastive direction
+    token: str | None
+    paths: pd.DataFrame  # emc.analysis.paths.path_diff's columns
+
+
+def pair_paths(
+    store: Store, pair: GraphPair, token_id: int | None = None, k: int = 10
+) -> PairPaths | None:
+    """The strongest token-to-target paths of a stored pair, gained or lost
+    (`emc.analysis.paths.path_diff`), to `token_id` or by default the adapted graph's most
+    probable evil target (the direction target of a contrastive pair); None when the graphs are
+    gone or neither has such a target."""
+    from emc.analysis.paths import logit_token, most_probable_evil, path_diff, target_node
+
+    base = load_graph_rows(store, pair.base_graph_id)
+    adapted = load_graph_rows(store, pair.adapted_graph_id)
+    if base is None or adapted is None:
+        return None
+    if token_id is None:
+        token_id = most_probable_evil(adapted)
+        if token_id is None and target_node(adapted, None) is None:
+            return None
+    labels = shown_labels_for_model(store, pair.adapted_model_id)
+    paths = path_diff(base, adapted, token_id, k, labels)
+    token = logit_token(adapted, token_id) if token_id is not None else None
+    return PairPaths(token_id, token, paths)
+
+
 _SUMMARY_COLUMNS = [
     "rank",
     "layer",
     "feature",
+    "label",
     "pairs",
     "in_both",
     "only_base",

@@ -870,6 +870,41 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        17,
+        "feature labels",
+        (
+            """
+            CREATE TABLE feature_labels (       -- a person's or an LLM's name for a feature
+                transcoders_ref   VARCHAR NOT NULL,  -- features belong to the transcoders
+                layer             SMALLINT NOT NULL,
+                feature           INTEGER NOT NULL,
+                labeller          VARCHAR NOT NULL,  -- human:<name> | llm:<model>
+                label             VARCHAR NOT NULL,
+                notes             VARCHAR,           -- a person's notes
+                explanation       VARCHAR,           -- an LLM's reasons
+                confidence        VARCHAR,           -- low | medium | high (LLM)
+                prompt            VARCHAR,           -- the messages the LLM was sent, JSON
+                card_model_id     VARCHAR,           -- whose card the LLM read
+                corpus_id         VARCHAR,
+                run_id            VARCHAR NOT NULL,
+                created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+                -- one label per labeller; labelling again replaces it
+                PRIMARY KEY (transcoders_ref, layer, feature, labeller)
+            )
+            """,
+            """
+            CREATE VIEW feature_label_shown AS   -- the label shown: a person's over an LLM's
+            SELECT transcoders_ref, layer, feature, label, labeller,
+                   count(*) OVER (PARTITION BY transcoders_ref, layer, feature) AS labels
+            FROM feature_labels
+            QUALIFY row_number() OVER (
+                PARTITION BY transcoders_ref, layer, feature
+                ORDER BY starts_with(labeller, 'human:') DESC, created_at DESC, labeller
+            ) = 1
+            """,
+        ),
+    ),
 )
 
 

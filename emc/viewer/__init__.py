@@ -3,6 +3,8 @@
 `export_prompt` turns a prompt's stored base/adapted graph rows into the viewer's JSON (no model,
 no re-tracing); `fetch_assets` downloads the viewer's JavaScript libraries, pinned npm packages,
 into a local cache; `open_viewer` builds the frontend with those libraries and serves it.
+`export_neuronpedia` writes the same graphs in Neuronpedia's graph format, checked against
+`neuronpedia_schema.json`.
 
 Names load on first use (as in circuit-tracer's own package): reading graphs imports the tracing
 stack (torch), which serving and fetching do not need.
@@ -25,7 +27,9 @@ _EXPORTS = {
     "emc.viewer.errors": (
         "AmbiguousPromptError",
         "AssetError",
+        "ExportDirError",
         "FrontendError",
+        "GraphSchemaError",
         "NoExportedGraphsError",
         "NoGraphsError",
         "PromptNotFoundError",
@@ -39,6 +43,16 @@ _EXPORTS = {
         "resolve_prompt_id",
     ),
     "emc.viewer.frontend": ("build_frontend", "rewrite_scripts"),
+    "emc.viewer.neuronpedia": (
+        "NeuronpediaExportResult",
+        "default_neuronpedia_dir",
+        "export_neuronpedia",
+        "feature_clerp",
+        "neuronpedia_graph",
+        "neuronpedia_problems",
+        "neuronpedia_schema",
+        "validate_neuronpedia",
+    ),
     "emc.viewer.layout": ("INDEX_FILE",),
     "emc.viewer.server": ("DEFAULT_PORT", "ViewerServer", "open_viewer"),
 }

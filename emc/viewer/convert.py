@@ -25,7 +25,7 @@ percentiles, histogram and frequency, which the page shows beside the graph.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -86,8 +86,11 @@ def pruning_scores(influence: np.ndarray, threshold: float | None) -> np.ndarray
     return np.minimum(shares * threshold, threshold)
 
 
-def viewer_nodes(stored: StoredGraph) -> list[Node]:
-    """One viewer node per stored node, in stored order."""
+def viewer_nodes(
+    stored: StoredGraph, labels: Mapping[tuple[int, int], str] | None = None
+) -> list[Node]:
+    """One viewer node per stored node, in stored order; a labelled feature's description (the
+    viewer's `clerp`) carries its label."""
     frame = stored.nodes
     if frame.empty:
         return []
@@ -97,6 +100,13 @@ def viewer_nodes(stored: StoredGraph) -> list[Node]:
     nodes, n_custom = [], 0
     for row, score in zip(frame.itertuples(index=False), scores.tolist(), strict=True):
         node = _node(row, n_layers, custom_id=-1 - n_custom)
+        label = (
+            labels.get((int(row.layer), int(row.feature)))
+            if labels and row.kind == "feature"
+            else None
+        )
+        if label:
+            node = node.model_copy(update={"clerp": f"{node.clerp}: {label}"})
         if row.kind == "logit" and _missing(row.token_id):
             n_custom += 1
         nodes.append(node.model_copy(update={"influence": score}))
@@ -119,15 +129,19 @@ def viewer_links(stored: StoredGraph, nodes: list[Node]) -> list[dict[str, Any]]
 
 
 def viewer_graph(
-    stored: StoredGraph, slug: str, scan: str, extra: dict[str, Any] | None = None
+    stored: StoredGraph,
+    slug: str,
+    scan: str,
+    extra: dict[str, Any] | None = None,
+    labels: Mapping[tuple[int, int], str] | None = None,
 ) -> dict[str, Any]:
     """The graph file the page loads from `graph_data/<slug>.json`.
 
     `scan` is where the page fetches feature files from (`<scan>/<feature>.json`); `extra` is kept
-    under the key "emc" (the page ignores it).
+    under the key "emc" (the page ignores it); `labels` name features in their descriptions.
     """
     tokens = prompt_tokens(stored)
-    nodes = viewer_nodes(stored)
+    nodes = viewer_nodes(stored, labels)
     model = Model(
         metadata=Metadata(
             slug=slug,

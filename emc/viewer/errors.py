@@ -29,3 +29,11 @@ class FrontendError(ViewerError):
 
 class NoExportedGraphsError(ViewerError):
     """The directory to serve holds no exported graphs."""
+
+
+class GraphSchemaError(ViewerError):
+    """An exported graph does not match the schema of the format it is written in."""
+
+
+class ExportDirError(ViewerError):
+    """The output directory holds files of another format that an export would replace."""

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from emc.features.records import FeatureCard
 from emc.store import Store, list_models
 from emc.store.feature_cards import load_cards
+from emc.store.feature_labels import shown_labels_for_model
 from emc.store.graph_pairs import graph_pairs
 from emc.store.graphs import StoredGraph, list_graphs, load_graph_rows
 from emc.store.models import ModelRow
@@ -40,6 +41,22 @@ class ExportedGraph(BaseModel):
     path: Path
     nodes: int
     edges: int
+
+    @classmethod
+    def written(
+        cls, stored: StoredGraph, model: ModelRow, slug: str, path: Path, graph: dict[str, Any]
+    ) -> ExportedGraph:
+        """What was written to `path`: `graph` (a viewer or Neuronpedia graph) of `stored`."""
+        return cls(
+            slug=slug,
+            graph_id=stored.record.graph_id,
+            model_id=model.model_id,
+            role=model.role,
+            targets=stored.record.targets,
+            path=path,
+            nodes=len(graph["nodes"]),
+            edges=len(graph["links"]),
+        )
 
 
 class ExportResult(BaseModel):
@@ -93,7 +110,11 @@ def export_prompt(store: Store, prompt: str, out_dir: str | Path) -> ExportResul
         slug, model = slugs[stored.record.graph_id], models[stored.record.model_id]
         scan = scan_name(model.transcoders_ref)
         graph = viewer_graph(
-            stored, slug, f"./graph_data/{FEATURES_DIR}/{scan}", _provenance(stored, model)
+            stored,
+            slug,
+            f"./graph_data/{FEATURES_DIR}/{scan}",
+            _provenance(stored, model),
+            shown_labels_for_model(store, model.model_id),
         )
         path = out / f"{slug}.json"
         # allow_nan=False: NaN is not JSON, and the page would fail to parse the file.
@@ -101,18 +122,7 @@ def export_prompt(store: Store, prompt: str, out_dir: str | Path) -> ExportResul
         entries.append(_index_entry(graph, scan, model, record.name))
         for (layer, feature), quantile in feature_examples(stored, slug).items():
             features[(scan, layer, feature)].append(quantile)
-        exported.append(
-            ExportedGraph(
-                slug=slug,
-                graph_id=stored.record.graph_id,
-                model_id=model.model_id,
-                role=model.role,
-                targets=stored.record.targets,
-                path=path,
-                nodes=len(graph["nodes"]),
-                edges=len(graph["links"]),
-            )
-        )
+        exported.append(ExportedGraph.written(stored, model, slug, path, graph))
     cards = _cards(store, graphs, models, [(layer, f) for _, layer, f in features])
     for (scan, layer, feature), quantiles in features.items():
         path = out / FEATURES_DIR / scan / f"{feature_id(layer, feature)}.json"
