@@ -14,7 +14,7 @@ import streamlit as st
 # `dashboard` package in a checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dashboard.views import behaviour, features, graphs, interventions, review, runs
+from dashboard.views import behaviour, features, graphs, interventions, review, runs, sql
 from dashboard.widgets import register_pages
 
 st.set_page_config(page_title="EMC", page_icon="🔬", layout="wide")
@@ -27,6 +27,7 @@ pages = [
     st.Page(features.render, title="Features", icon="🧬", url_path="features"),
     st.Page(interventions.render, title="Interventions", icon="💉", url_path="interventions"),
     st.Page(behaviour.render, title="Behaviour", icon="🗣️", url_path="behaviour"),
+    st.Page(sql.render, title="SQL", icon="🧮", url_path="sql"),
 ]
 register_pages({page.url_path or "runs": page for page in pages})
 st.navigation(pages).run()

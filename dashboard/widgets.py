@@ -282,3 +282,50 @@ def show_continuation_check(ui: Any, check: ContinuationCheck | None, prompt_id:
     )
     if not check.samples.empty:
         ui.dataframe(continuation_samples_table(check.samples), hide_index=True, width="stretch")
+
+
+# Graphs/Review helpers
+
+_WRITTEN_KEY = "url-written-{page}-{name}"
+
+
+def follow_url(page: str, name: str, key: str, options: Sequence[str]) -> bool:
+    """Set session state `key` (a widget's, before the widget is drawn) from the URL's `name`.
+
+    The URL wins when it holds one of `options` that `page` did not write there itself (a link
+    followed or a shared URL opened), or when `key` holds nothing yet (a visit to another page
+    drops a widget's state); otherwise the widget keeps what the person chose. Returns whether the
+    URL set it. Pair with `write_url`, which records what the page wrote.
+    """
+    value = query_value(name)
+    if value is None or value not in options:
+        return False
+    written = st.session_state.get(_WRITTEN_KEY.format(page=page, name=name))
+    if key in st.session_state and value == written:
+        return False
+    st.session_state[key] = value
+    return True
+
+
+def write_url(page: str, **params: Any) -> None:
+    """`keep_in_url`, remembering what `page` wrote so `follow_url` tells it from a new link."""
+    keep_in_url(**params)
+    for name, value in params.items():
+        st.session_state[_WRITTEN_KEY.format(page=page, name=name)] = (
+            None if value is None else str(value)
+        )
+
+
+def pick_pair_in_url(
+    store: Store, pairs: list[GraphPair], prompt_col, pair_col, key: str, page: str
+) -> GraphPair:
+    """`pick_pair`, preselected from the URL's `prompt` (and `pair`: `pair_key`) and written back
+    to it, so the page's URL always names the pair on screen."""
+    follow_url(page, "prompt", f"{key}-prompt", [p.prompt_id for p in pairs])
+    prompt_id = st.session_state.get(f"{key}-prompt")
+    if prompt_id is not None:
+        own = [pair_key(p) for p in pairs if p.prompt_id == prompt_id]
+        follow_url(page, "pair", f"{key}-pair-{prompt_id}", own)
+    pair = pick_pair(store, pairs, prompt_col, pair_col, key)
+    write_url(page, prompt=pair.prompt_id, pair=pair_key(pair))
+    return pair

@@ -1,12 +1,12 @@
 """Feature cards: what each feature the analysis names fires on, and what its weights do.
 
 The features are the ones asked for, or by default the top `top` of the adapted model's ranking
-(features pushing evil over safe) together with the features the causal checks name (the
-analysis' ablated top features, narrow feature interventions, a person's own edits). One GPU
-task loads the model once and scans the corpus in one pass per chunk of features, storing each
-chunk's cards as it finishes. Cards are keyed by model, corpus and feature: a re-run skips the
-features already carded for this model and corpus (`redo` makes them again) and never adds a
-duplicate.
+(features pushing evil over safe) and of the base-vs-adapted diff, together with the features the
+causal checks name (the analysis' ablated top features, narrow feature interventions, a person's own
+edits). One GPU task loads the model once and scans the corpus in one pass per chunk of features,
+storing each chunk's cards as it finishes. Cards are keyed by model, corpus and feature: a re-run
+skips the features already carded for this model and corpus (`redo` makes them again) and never adds
+a duplicate.
 
 Then every card of the chosen features is labelled by the config's labeller (an LLM through the
 OpenAI-compatible client, or the organism's offline stand-in), each label stored with the
@@ -48,6 +48,7 @@ from emc.store.feature_cards import (
 )
 from emc.store.feature_labels import labelled_features, save_labels
 from emc.store.features import RANKING_METRICS, feature_ranking
+from emc.store.graph_diff import graph_diff_summary
 from flows.discovery import RETRIES
 from flows.model_cache import cached_model, release_models
 from flows.runtime import current_flow_run_id, gpu_slot
@@ -78,11 +79,17 @@ def transcoder_widths(config: ExperimentConfig) -> list[int]:
 def default_features(
     store: Store, config: ExperimentConfig, top: int, metric: str, named: bool
 ) -> list[Feature]:
-    """The adapted model's top `top` evil-pushing features, and the ones causal checks name."""
+    """The adapted model's top `top` evil-pushing features, the top `top` of the base-vs-adapted
+    diff (the features whose effect the fine-tune changed most), and the ones causal checks
+    name."""
     base_id = describe_model(config, "base").model_id
     adapted_id = describe_model(config, "adapted").model_id
     ranking = feature_ranking(store, metric, model_id=adapted_id, sign="evil", top=top)
+    diff = graph_diff_summary(
+        store, metric, base_model_id=base_id, adapted_model_id=adapted_id, top=top
+    )
     chosen = [(int(r.layer), int(r.feature)) for r in ranking.itertuples()]
+    chosen += [(int(r.layer), int(r.feature)) for r in diff.itertuples()]
     if named:
         chosen += named_features(store, base_id, adapted_id)
     return list(dict.fromkeys(chosen))

@@ -8,6 +8,8 @@ flows the separate deployments and the `emc` commands run; `emc demo` runs this 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -15,7 +17,7 @@ from emc.config import default_config_path, resolve_data_dir
 from emc.faults import fault_point
 from emc.runs import recorded_run
 from emc.store import RunRecord, Store, read_only_query
-from emc.store.runs import get_run, latest_run_with_params, update_run_summary
+from emc.store.runs import adopting_runs, get_run, latest_run_with_params, update_run_summary
 from flows.analysis import analysis_flow
 from flows.discovery import discovery_flow
 from flows.evaluation import evaluation_flow
@@ -80,6 +82,7 @@ def pipeline_flow(
     ends with the store a run that was never killed would have made.
     """
     logger = get_run_logger()
+    started = datetime.now(UTC)  # the organism stage's run is recorded before the pipeline's
     resolved = str(resolve_data_dir(data_dir))
     organism_summary = None
     if config_path is None and organism is not None:
@@ -104,7 +107,10 @@ def pipeline_flow(
         "continuation_samples": continuation_samples,
         "eval_samples": eval_samples,
     }
-    with recorded_run(store, "flow", "pipeline", params, current_flow_run_id()) as run:
+    with (
+        recorded_run(store, "flow", "pipeline", params, current_flow_run_id()) as run,
+        adopting_runs(store, run.run_id, since=started),  # its stages' runs name it as parent
+    ):
         killed = _killed_run(store, params, run.run_id) if resume else None
         logger.info("2/8 model check")
         stages["check"] = model_check_flow(config_path=config_path, data_dir=resolved)

@@ -102,6 +102,18 @@ def small_organism(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def clean_demo(tmp_path_factory, small_organism):
+    """`emc demo` on the small recipe, never killed: made once for every worker of the run
+    (tests/demo_runs.py), with its row counts recorded right after it."""
+    from tests.demo_runs import shared_clean_demo
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return shared_clean_demo(root, small_organism)
+
+
+@pytest.fixture(scope="session")
 def behaviour_store(tmp_path_factory, small_organism, prefect_harness):
     """Discovery, continuation checks and EM evaluations made by the flows, once per session."""
     from tests.behaviour_store import build_behaviour_store
@@ -115,6 +127,7 @@ def behaviour_store(tmp_path_factory, small_organism, prefect_harness):
 # short ones fill in behind them, instead of two long files running last side by side.
 SLOW_FILES = (
     "test_readme_commands.py",
+    "test_demo_killed.py",
     "test_deployments.py",
     "test_behaviour.py",
     "test_viewer.py",

@@ -1,9 +1,11 @@
-"""The Features page over real base/adapted graphs of the small organism, its shaping functions,
-and `feature_detail`, the store's view of one feature."""
+"""The Features page over real base/adapted graphs of the small organism (with real feature cards
+and offline labels for the top features), its shaping functions, and `feature_detail`, the
+store's view of one feature."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,10 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import widgets
 from dashboard.views import features as view
+from emc.analysis.paths import most_probable_evil
+from emc.config import dump_config
+from emc.features.labels import LABEL_CHARS
+from emc.features.records import ActivationStats, FeatureCard, FeatureExample, TokenValue
 from emc.pivotal.review import make_review
 from emc.store import STORE_FILE_NAME, Store, read_only_query
 from emc.store.analysis import (
@@ -23,22 +29,37 @@ from emc.store.analysis import (
     replace_forward_diffs,
     replace_lora_geometry,
 )
+from emc.store.feature_cards import card_summaries, load_card
 from emc.store.feature_detail import feature_detail, feature_layers, metric_family
+from emc.store.feature_labels import feature_labels, shown_labels_for_model
+from emc.store.feature_pages import graph_targets, ranked_prompts
 from emc.store.features import RANKING_METRICS, feature_ranking
-from emc.store.graph_diff import GraphDiff, prompt_graph_diff
+from emc.store.graph_diff import GraphDiff, pair_paths, prompt_graph_diff
 from emc.store.graph_pairs import GraphPair, graph_pairs
+from emc.store.graphs import load_graph_rows
+from emc.store.models import list_models
 from emc.store.reviews import write_reviews
 from tests.apptest_charts import chart_data
 from tests.apptest_pages import page_test
 from tests.graph_store import TracedStore, build_traced_store, copy_store
 
 RUN = "test-analysis"
+CARDED = 5  # the ranking's top features (and the diff's) get cards and offline labels
+LIMIT = 200  # corpus texts the cards read: a third of a second per pass
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory, small_organism) -> TracedStore:
-    """Labelled-target graphs of base and adapted on three prompts, made once for this module."""
-    return build_traced_store(small_organism, tmp_path_factory.mktemp("features-template"), 3)
+def traced(tmp_path_factory, small_organism, prefect_harness) -> TracedStore:
+    """Labelled-target graphs of base and adapted on three prompts, and cards (labelled offline)
+    of the adapted model's top features, made once for this module."""
+    from flows.feature_cards import feature_cards_flow
+
+    data_dir = tmp_path_factory.mktemp("features-template")
+    (data_dir / "experiment.yaml").write_text(dump_config(small_organism.config))
+    traced = build_traced_store(small_organism, data_dir, 3)
+    summary = feature_cards_flow(data_dir=str(data_dir), top=CARDED, limit_texts=LIMIT)
+    assert summary["carded"] >= CARDED and summary["labelled"] == summary["carded"]
+    return traced
 
 
 @pytest.fixture
@@ -87,6 +108,22 @@ def same_rows(shown: pd.DataFrame, expected: pd.DataFrame) -> None:
         expected.reset_index(drop=True),
         check_dtype=False,
     )
+
+
+def same_ranking(
+    shown: pd.DataFrame, expected: pd.DataFrame, store: Store, metric: str = "total_diff"
+) -> None:
+    """The shown ranking is `expected` row for row, its prompts written k/N (N: the prompts the
+    model's ranking counts)."""
+    ranked = ranked_prompts(store, metric)
+    same_rows(shown.drop(columns="prompts"), expected.drop(columns="prompts"))
+    written = [f"{k}/{ranked[m]}" for k, m in zip(expected.prompts, expected.model_id, strict=True)]
+    assert list(shown["prompts"]) == written
+
+
+def kept_in(shown: pd.DataFrame) -> pd.Series:
+    """k of each shown k/N."""
+    return shown["prompts"].str.split("/").str[0].astype(int)
 
 
 def forward_rows(layers: list[int], upstream: set[int], diverged: set[int]) -> pd.DataFrame:
@@ -193,11 +230,12 @@ def test_the_ranking_table_is_the_stored_ranking_for_each_model_choice(store):
     for model, role in view.MODEL_ROLES.items():
         page.selectbox(key="features-model").select(model)
         rerun(page)
-        expected = feature_ranking(store, "total_diff", role=role, top=30)
+        expected = feature_ranking(store, "total_diff", role=role, sign="evil", top=30)
         shown = table(page, "sign_consistency")
         assert len(expected) > 5
-        assert shown.iloc[0].to_dict() == pytest.approx(expected.iloc[0].to_dict(), nan_ok=True)
-        same_rows(shown, expected)
+        first = shown.iloc[0].drop("prompts").to_dict()
+        assert first == pytest.approx(expected.iloc[0].drop("prompts").to_dict(), nan_ok=True)
+        same_ranking(shown, expected, store)
         assert set(shown["role"]) == ({role} if role else {"base", "adapted"})
 
 
@@ -210,22 +248,24 @@ def test_the_filters_narrow_the_ranking(store):
     page.selectbox(key="features-layer").select(0)
     shown = table(rerun(page), "sign_consistency")
     assert set(shown["layer"]) == {0} and not shown.equals(before)
-    same_rows(shown, feature_ranking(store, role="adapted", layer=0, top=30))
+    same_ranking(shown, feature_ranking(store, role="adapted", layer=0, sign="evil"), store)
 
     page.selectbox(key="features-layer").select("all")
     page.selectbox(key="features-sign").select("safe")
     page.number_input(key="features-min-prompts").set_value(2)
     page.number_input(key="features-top").set_value(5)
     shown = table(rerun(page), "sign_consistency")
-    assert len(shown) <= 5 and (shown["mean"] < 0).all() and (shown["prompts"] >= 2).all()
-    same_rows(shown, feature_ranking(store, role="adapted", sign="safe", min_prompts=2, top=5))
+    assert len(shown) <= 5 and (shown["mean"] < 0).all() and (kept_in(shown) >= 2).all()
+    expected = feature_ranking(store, role="adapted", sign="safe", min_prompts=2, top=5)
+    same_ranking(shown, expected, store)
 
     page.selectbox(key="features-sign").select("any")
     page.number_input(key="features-min-prompts").set_value(1)
     page.number_input(key="features-top").set_value(30)
     page.selectbox(key="features-metric").select("direct_diff")
     shown = table(rerun(page), "sign_consistency")
-    same_rows(shown, feature_ranking(store, "direct_diff", role="adapted", top=30))
+    expected = feature_ranking(store, "direct_diff", role="adapted", top=30)
+    same_ranking(shown, expected, store, "direct_diff")
 
     page.number_input(key="features-min-prompts").set_value(99)
     rerun(page)
@@ -234,7 +274,7 @@ def test_the_filters_narrow_the_ranking(store):
 
 
 def test_the_top_feature_is_detailed_with_its_ranks(store):
-    ranking = feature_ranking(store, role="adapted", top=30)
+    ranking = feature_ranking(store, role="adapted", sign="evil", top=30)
     top = ranking.iloc[0]
     page = open_page()
     assert page.selectbox(key="features-pick").value == view.feature_key(top.layer, top.feature)
@@ -242,7 +282,7 @@ def test_the_top_feature_is_detailed_with_its_ranks(store):
     assert f"Feature L{top.layer}/{top.feature}" in [s.value for s in page.subheader]
     shown = metrics(page)
     for role in ("base", "adapted"):
-        full = feature_ranking(store, role=role, top=None)
+        full = feature_ranking(store, role=role, sign="evil", top=None)
         mine = full[(full["layer"] == top.layer) & (full["feature"] == top.feature)]
         expected = "—" if mine.empty else str(int(mine["rank"].iloc[0]))
         assert shown[f"Rank in {role}"] == expected
@@ -272,7 +312,7 @@ def test_the_top_feature_is_detailed_with_its_ranks(store):
 
 
 def test_a_click_on_a_ranking_row_or_a_typed_feature_is_detailed(store):
-    ranking = feature_ranking(store, role="adapted", top=30)
+    ranking = feature_ranking(store, role="adapted", sign="evil", top=30)
     page = open_page()
     page.session_state["features-ranking"] = {"selection": {"rows": [3], "columns": []}}
     rerun(page)
@@ -281,8 +321,8 @@ def test_a_click_on_a_ranking_row_or_a_typed_feature_is_detailed(store):
     assert f"Feature L{row.layer}/{row.feature}" in [s.value for s in page.subheader]
     assert metrics(page)["Rank in adapted"] == "4"
 
-    base_only = feature_ranking(store, role="base", top=None)
-    adapted = feature_ranking(store, role="adapted", top=None)
+    base_only = feature_ranking(store, role="base", sign="evil", top=None)
+    adapted = feature_ranking(store, role="adapted", sign="evil", top=None)
     keys = set(zip(adapted["layer"], adapted["feature"], strict=True))
     missing = base_only[
         [k not in keys for k in zip(base_only.layer, base_only.feature, strict=True)]
@@ -298,6 +338,231 @@ def test_a_click_on_a_ranking_row_or_a_typed_feature_is_detailed(store):
     page.text_input(key="features-lookup").input("layer one")
     rerun(page)
     assert "L<layer>/<feature>" in page.warning[0].value
+
+
+def carded_feature(store: Store, traced: TracedStore, not_top: bool = True) -> tuple[int, int]:
+    """A feature with a card: not the ranking's first (the page's default pick)."""
+    cards = card_summaries(store, traced.adapted_model_id)
+    cards = cards[cards["examples"] > 0]
+    top = feature_ranking(store, role="adapted", sign="evil", top=1).iloc[0]
+    keys = [(int(r.layer), int(r.feature)) for r in cards.itertuples()]
+    others = [k for k in keys if k != (int(top.layer), int(top.feature))] if not_top else keys
+    assert others, "the fixture should card several features"
+    return others[-1]
+
+
+def html_blocks(page: AppTest) -> str:
+    return "\n".join(h.value for h in page.get("html"))
+
+
+def test_a_feature_in_the_url_is_picked_and_its_card_shown(store, traced):
+    layer, feature = carded_feature(store, traced)
+    card = load_card(store, layer, feature, traced.adapted_model_id)
+    assert card is not None and card.examples
+    page = page_test("features")
+    page.query_params["feature"] = f"{layer}/{feature}"
+    rerun(page)
+    assert f"Feature L{layer}/{feature}" in [s.value for s in page.subheader]
+    assert page.query_params["feature"] == f"{layer}/{feature}"  # kept in the URL
+    # The label the offline labeller gave it, shown first.
+    ref = list_models(store)[0].transcoders_ref
+    (label,) = feature_labels(store, ref, [(layer, feature)])
+    assert label.labeller.startswith("llm:")
+    assert any(label.label[:20] in m.value for m in page.markdown)
+    # Examples: every shown token escaped, each example's maximum marked.
+    blocks = html_blocks(page)
+    shown = card.examples[: view.EXAMPLES_SHOWN]
+    assert blocks.count('class="emc-example"') == len(shown)
+    assert blocks.count('data-max="true"') == len(shown)
+    for example in shown:
+        assert view.example_html(example, card.stats.max) in blocks
+        maximum = view.html.escape(example.tokens[example.max_position].replace("\n", "⏎"))
+        assert f'data-max="true">{maximum}</span>' in view.example_html(example)
+    # The histogram and the logit effects: the stored card's numbers.
+    (histogram,) = [f for f in chart_data(page, "start") if "chance" not in f]
+    assert histogram["count"].tolist() == card.stats.hist_counts
+    assert histogram["start"].tolist() == pytest.approx(card.stats.hist_edges[:-1])
+    assert histogram["end"].tolist() == pytest.approx(card.stats.hist_edges[1:])
+    (logits,) = chart_data(page, "effect")
+    promotes = logits[logits["effect"] == "promotes"]
+    suppresses = logits[logits["effect"] == "suppresses"]
+    assert promotes["value"].tolist() == pytest.approx([t.value for t in card.top_logits])
+    assert suppresses["value"].tolist() == pytest.approx([t.value for t in card.bottom_logits])
+    assert promotes["token id"].tolist() == [t.token_id for t in card.top_logits]
+    encoder = table(page, "pre-activation")
+    assert encoder["token id"].tolist() == [t.token_id for t in card.encoder_tokens]
+    quantiles = table(page, "quantile").set_index("quantile")["activation"]
+    assert quantiles["p100"] == pytest.approx(card.stats.max, rel=1e-5)
+    shown_metrics = metrics(page)
+    assert shown_metrics["Max activation"] == f"{card.stats.max:.3f}"
+    assert shown_metrics["Active"] == f"{card.stats.frequency:.2%}"
+    # No analysis in this store: the context says so, and gives the ranks.
+    assert shown_metrics["Activation change"] == "—"
+    assert shown_metrics["LoRA alignment"] == "—"
+    captions = " | ".join(c.value for c in page.caption)
+    assert "Rank (total_diff, sign evil): adapted #" in captions
+
+
+def test_where_a_feature_appears_links_each_prompt_to_its_graphs(store, traced):
+    top = feature_ranking(store, role="adapted", sign="evil", top=1).iloc[0]
+    page = open_page()
+    rows = table(page, "activation sum")
+    detail = feature_detail(store, int(top.layer), int(top.feature), sign="evil")
+    assert list(rows["prompt_id"]) == list(detail.prompts["prompt_id"])
+    assert list(rows["graph"]) == [widgets.page_url("graphs", prompt=p) for p in rows["prompt_id"]]
+    assert rows["graph"].iloc[0] == f"/graphs?prompt={rows['prompt_id'].iloc[0]}"
+
+
+def test_a_feature_without_a_card_says_which_command_makes_one(store, traced):
+    cards = card_summaries(store)
+    carded = set(zip(cards["layer"], cards["feature"], strict=True))
+    ranking = feature_ranking(store, role="adapted", sign="evil", top=None)
+    bare = next(r for r in ranking.itertuples() if (r.layer, r.feature) not in carded)
+    page = page_test("features")
+    page.query_params["feature"] = f"L{bare.layer}/{bare.feature}"
+    rerun(page)
+    assert f"Feature L{bare.layer}/{bare.feature}" in [s.value for s in page.subheader]
+    notes = " | ".join(i.value for i in page.info)
+    assert f"`emc feature show {bare.layer}/{bare.feature}`" in notes
+    assert not page.get("html")
+    # A feature outside the ranking goes to the lookup box; the URL keeps naming it.
+    page = page_test("features")
+    page.query_params["feature"] = "0/99999"
+    rerun(page)
+    assert page.text_input(key="features-lookup").value == "L0/99999"
+    assert "No graph in the store keeps this feature." in [i.value for i in page.info]
+
+
+def test_picking_another_feature_writes_it_to_the_url(store):
+    ranking = feature_ranking(store, role="adapted", sign="evil", top=30)
+    page = open_page()
+    first = ranking.iloc[0]
+    assert page.query_params["feature"] == f"{first.layer}/{first.feature}"
+    page.session_state["features-ranking"] = {"selection": {"rows": [2], "columns": []}}
+    rerun(page)
+    third = ranking.iloc[2]
+    assert page.query_params["feature"] == f"{third.layer}/{third.feature}"
+    assert f"Feature L{third.layer}/{third.feature}" in [s.value for s in page.subheader]
+
+
+def test_the_label_form_stores_your_label_which_the_ranking_then_shows(store, traced):
+    layer, feature = carded_feature(store, traced)
+    page = page_test("features")
+    page.query_params["feature"] = f"{layer}/{feature}"
+    page.session_state["reviewer"] = "ana"  # the name the Review page keeps
+    rerun(page)
+    assert page.text_input(key="features-label-name").value == "ana"
+    page.text_input(key="features-label-text").input("  names the  harmful answer ")
+    page.text_area(key="features-label-notes").input("peaks on the answer token")
+    page.button(key="FormSubmitter:features-label-form-Save label").click()
+    rerun(page)
+    ref = list_models(store)[0].transcoders_ref
+    labels = feature_labels(store, ref, [(layer, feature)])
+    assert [lb.labeller for lb in labels] == ["human:ana", labels[1].labeller]
+    assert labels[0].label == "names the harmful answer"
+    assert labels[0].notes == "peaks on the answer token"
+    assert labels[0].run_id.startswith("dashboard-feature-label-")
+    assert any("Saved" in s.value and "human:ana" in s.value for s in page.success)
+    assert page.text_input(key="features-label-text").value == ""  # the form is cleared
+    # The ranking (drawn above the form) shows a person's label over the LLM's.
+    ranking = table(page, "sign_consistency")
+    mine = ranking[(ranking["layer"] == layer) & (ranking["feature"] == feature)]
+    assert list(mine["label"]) == ["names the harmful answer"]
+    assert any("**names the harmful answer** · human:ana" in m.value for m in page.markdown)
+    shown = table(page, "notes / explanation")
+    assert list(shown["labeller"][:1]) == ["human:ana"] and len(shown) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error"),
+    [
+        ("", "a label", "a reviewer name is needed"),
+        ("bo", "   ", "a label cannot be empty"),
+        ("bo", "x" * (LABEL_CHARS + 1), f"at most {LABEL_CHARS} characters"),
+    ],
+)
+def test_bad_label_input_shows_the_error_and_stores_nothing(store, traced, name, text, error):
+    layer, feature = carded_feature(store, traced)
+    ref = list_models(store)[0].transcoders_ref
+    before = feature_labels(store, ref)
+    page = page_test("features")
+    page.query_params["feature"] = f"{layer}/{feature}"
+    rerun(page)
+    page.text_input(key="features-label-name").input(name)
+    page.text_input(key="features-label-text").input(text)
+    page.button(key="FormSubmitter:features-label-form-Save label").click()
+    rerun(page)
+    assert any(error in e.value for e in page.error), [e.value for e in page.error]
+    assert feature_labels(store, ref) == before
+    assert page.text_input(key="features-label-text").value == text  # kept to fix
+
+
+def test_the_ranking_starts_as_emc_analyze_ranks_with_prompts_as_k_of_n(store):
+    page = open_page()
+    assert page.selectbox(key="features-metric").value == "total_diff"
+    assert page.selectbox(key="features-model").value == "adapted"
+    assert page.selectbox(key="features-sign").value == "evil"
+    assert page.number_input(key="features-min-prompts").value == 1
+    assert page.number_input(key="features-top").value == 30
+    expected = feature_ranking(store, "total_diff", role="adapted", sign="evil", top=30)
+    shown = table(page, "sign_consistency")
+    assert list(shown.columns[:6]) == ["rank", "layer", "feature", "label", "role", "prompts"]
+    same_ranking(shown, expected, store)
+    assert (shown["mean"] > 0).all()
+    # N: every prompt with a graph of the adapted model counts (three in the fixture).
+    assert ranked_prompts(store) == {
+        m.model_id: 3 for m in list_models(store) if m.role in ("base", "adapted")
+    }
+    assert set(shown["prompts"]) <= {"1/3", "2/3", "3/3"}
+    assert list(kept_in(shown)) == list(expected["prompts"])
+    # Labels: the cards' offline labels show beside the top features.
+    assert shown["label"].head(CARDED).notna().all()
+
+
+def test_the_min_prompts_filter_removes_features_kept_in_fewer_prompts(store):
+    page = open_page()
+    before = table(page, "sign_consistency")
+    assert (kept_in(before) < 2).any(), "the fixture should rank some one-prompt features"
+    page.number_input(key="features-min-prompts").set_value(2)
+    shown = table(rerun(page), "sign_consistency")
+    assert (kept_in(shown) >= 2).all() and len(shown) < len(before)
+    expected = feature_ranking(store, role="adapted", sign="evil", min_prompts=2, top=30)
+    same_ranking(shown, expected, store)
+    removed = set(zip(before.layer, before.feature, strict=True)) - set(
+        zip(shown.layer, shown.feature, strict=True)
+    )
+    assert removed and all(
+        k < 2 for k, key in zip(kept_in(before), zip(before.layer, before.feature, strict=True),
+                                strict=True) if key in removed
+    )  # fmt: skip
+
+
+def test_base_vs_adapted_shows_the_paths_gained_or_lost(store, pairs):
+    page = open_page()
+    for pair in pairs:
+        page.selectbox(key="features-diff-prompt").select(pair.prompt_id)
+        rerun(page)
+        picker = page.selectbox(key=f"features-path-target-{widgets.pair_key(pair)}")
+        adapted = load_graph_rows(store, pair.adapted_graph_id)
+        assert picker.value == most_probable_evil(adapted)  # the default, as pair_paths'
+        targets = graph_targets(store, pair.adapted_graph_id)
+        rows = {r["token_id"]: r for r in targets.to_dict("records")}
+        options = view.target_options(targets)
+        assert picker.options == [view.target_label(rows[t]) for t in options]
+        assert set(options) == set(adapted.nodes["token_id"][adapted.nodes["kind"] == "logit"])
+        expected = pair_paths(store, pair)
+        shown = table(page, "kept_in")
+        assert len(expected.paths) > 0
+        same_rows(shown, expected.paths)
+        assert list(shown["name"]) == [f"#{i + 1}" for i in range(len(shown))]
+        (bars,) = chart_data(page, "kept_in")
+        assert bars["delta"].tolist() == pytest.approx(expected.paths["delta"].tolist())
+        assert set(bars["change"]) <= {"gained", "lost", "unchanged"}
+    # Another target: its own paths.
+    other = view.target_options(graph_targets(store, pair.adapted_graph_id))[1]
+    picker.select(other)
+    rerun(page)
+    same_rows(table(page, "kept_in"), pair_paths(store, pair, token_id=other).paths)
 
 
 def test_base_vs_adapted_shows_each_prompts_diff(store, pairs):
@@ -433,31 +698,67 @@ def test_lora_geometry_shows_the_comparisons_histogram_and_top_features(store, t
     assert histogram["count"].tolist() == comparisons["hist_counts"][1]
     assert list(table(page, "abs_rank")["feature"]) == [7, 8]
     assert "±0.160" in " ".join(c.value for c in page.caption)
+    # A feature's card reads its alignment: L1/125 is the encoder comparison's best.
+    page = page_test("features")
+    page.query_params["feature"] = "1/125"
+    rerun(page)
+    assert metrics(page)["LoRA alignment"] == "100.0th pct"
+    assert "No card for L1/125 yet" in " ".join(i.value for i in page.info)
 
 
-def test_ablations_show_top_against_control(store, traced):
+def test_ablations_lead_with_the_logit_gap_and_name_the_features(store, traced):
     adapted = traced.adapted_model_id
     first, second = traced.prompt_ids[:2]
+    top = feature_ranking(store, role="adapted", sign="evil", top=2)
+    named = [{"layer": int(r.layer), "feature": int(r.feature), "positions_active": 2}
+             for r in top.itertuples()]  # fmt: skip
     insert_ablations(
         store,
         [
-            ablation(first, adapted, "top", 0.6, 0.2),
-            ablation(first, adapted, "control", 0.6, 0.58),
-            ablation(second, adapted, "top", 0.5, 0.3),
-            ablation(second, adapted, "control", 0.5, 0.52),
+            ablation(first, adapted, "top", 0.6, 0.2, features=named,
+                     logit_gap_before=1.5, logit_gap_after=-0.5),
+            ablation(first, adapted, "control", 0.6, 0.58, logit_gap_before=1.5,
+                     logit_gap_after=1.4),
+            ablation(second, adapted, "top", 0.5, 0.3, features=named[:1],
+                     logit_gap_before=0.8, logit_gap_after=0.1),
+            ablation(second, adapted, "control", 0.5, 0.52, logit_gap_before=None,
+                     logit_gap_after=None),  # a prompt without safe targets has no gap
         ],
-    )
+    )  # fmt: skip
     page = open_page()
     assert [t.label for t in page.tabs][-1] == "Ablations"
+    # The lead: the mean change of the logit gap, recomputed from the stored rows.
+    stored = read_only_query(
+        store,
+        "SELECT kind, logit_gap_after - logit_gap_before AS gap, evil_prob_after - "
+        "evil_prob_before AS prob FROM ablations WHERE status = 'ok'",
+    )
     shown = metrics(page)
-    assert shown["top · mean Δ evil prob"] == f"{(-0.4 - 0.2) / 2:+.4f}"
-    assert shown["control · mean Δ evil prob"] == f"{(-0.02 + 0.02) / 2:+.4f}"
+    ablation_metrics = [m for m in shown if "mean Δ" in m]  # the tab's, in order
+    assert ablation_metrics[:2] == ["top · mean Δ logit gap", "control · mean Δ logit gap"]
+    for kind in ("top", "control"):
+        mine = stored[stored["kind"] == kind]
+        assert shown[f"{kind} · mean Δ logit gap"] == f"{mine['gap'].mean():+.3f}"
+        assert shown[f"{kind} · mean Δ evil prob"] == f"{mine['prob'].mean():+.4f}"
+    assert shown["top · mean Δ logit gap"] == f"{(-2.0 - 0.7) / 2:+.3f}"
+    assert shown["control · mean Δ logit gap"] == f"{-0.1:+.3f}"  # the one prompt with a gap
+    # The zeroed features, named with their labels; the top feature in both prompts.
+    features = table(page, "mean positions active")
+    labels = shown_labels_for_model(store, adapted)
+    assert list(features["feature key"]) == [view.feature_key(f["layer"], f["feature"])
+                                             for f in named]  # fmt: skip
+    assert list(features["label"]) == [labels[(f["layer"], f["feature"])] for f in named]
+    assert list(features["prompts"]) == [2, 1]
+    control = [t for t in page.dataframe if "mean positions active" in t.value.columns][1].value
+    assert list(control["feature key"]) == ["L1/3"]
     rows = table(page, "top evil prob before").set_index("prompt_id")
+    assert rows.loc[first, "top logit gap change"] == pytest.approx(-2.0)
     assert rows.loc[first, "top evil prob after"] == pytest.approx(0.2)
     assert rows.loc[second, "control evil prob change"] == pytest.approx(0.02)
-    assert rows.loc[first, "top n features"] == 1
-    (bars,) = chart_data(page, "change")
-    assert sorted(bars["change"]) == pytest.approx([-0.4, -0.2, -0.02, 0.02])
+    assert pd.isna(rows.loc[second, "control logit gap change"])
+    assert rows.loc[first, "top n features"] == 2
+    (bars,) = chart_data(page, "gap change")
+    assert sorted(bars["gap change"]) == pytest.approx([-2.0, -0.7, -0.1])
 
 
 def test_failed_ablations_are_listed_and_left_out_of_the_numbers(store, traced):
@@ -640,6 +941,171 @@ def test_ablation_shaping_keeps_the_newest_per_prompt_and_kind():
     assert means["kind"].tolist() == ["top", "control"]
     assert means["mean_evil_prob_change"].tolist() == pytest.approx([-0.25, 0.0])
     assert means["prompts"].tolist() == [2, 1]
+
+
+def example(tokens, activations, max_position) -> FeatureExample:
+    return FeatureExample(
+        rank=1, source="corpus:3", text="".join(tokens), token_ids=list(range(len(tokens))),
+        tokens=tokens, activations=activations, max_position=max_position,
+        max_activation=max(activations), start=0,
+    )  # fmt: skip
+
+
+def test_example_html_escapes_tokens_shades_by_activation_and_marks_the_maximum():
+    shown = example(["<script>", " a&b", "\n", ' "x"'], [0.0, 1.0, 0.5, 2.0], 3)
+    markup = view.example_html(shown, scale=4.0)
+    assert "<script>" not in markup and "&lt;script&gt;" in markup
+    assert " a&amp;b" in markup and "⏎" in markup and " &quot;x&quot;" in markup
+    assert markup.count('class="emc-token"') == 4
+    assert markup.count('data-max="true"') == 1
+    assert 'title="2.000 (max)"' in markup and 'data-max="true"> &quot;x&quot;</span>' in markup
+    shades = [float(x) for x in re.findall(r"rgba\(245, 133, 24, ([0-9.]+)\)", markup)]
+    assert shades == [0.0, 0.25, 0.125, 0.5]
+    assert re.findall(r"rgba\(245, 133, 24, ([0-9.]+)\)", view.example_html(shown))[-1] == "1.0"
+    card = FeatureCard(
+        layer=0, feature=1, model_id="m", corpus_id="c", corpus_name="c",
+        stats=ActivationStats(
+            texts=1, positions=4, active=0, frequency=0.0, max=0.0, mean_active=None,
+            quantile_levels=[], quantile_values=[], hist_edges=[0.0, 1.0], hist_counts=[0],
+        ),
+        examples=[], top_logits=[], bottom_logits=[], encoder_tokens=[],
+        logit_basis="unembedding", dtype="float32",
+    )  # fmt: skip
+    assert "Never active" in view.examples_html(card)
+    assert view.quantile_table(card.stats).empty
+    assert view.logit_frame(card).empty
+
+
+def test_card_frames_keep_the_cards_numbers():
+    stats = ActivationStats(
+        texts=2, positions=10, active=4, frequency=0.4, max=2.0, mean_active=1.0,
+        quantile_levels=[i / 100 for i in range(1, 101)],
+        quantile_values=[i / 50 for i in range(1, 101)],
+        hist_edges=[0.0, 1.0, 2.0], hist_counts=[3, 1],
+    )  # fmt: skip
+    frame = view.activation_histogram_frame(stats)
+    assert frame.to_dict("list") == {"start": [0.0, 1.0], "end": [1.0, 2.0], "count": [3, 1]}
+    with pytest.raises(ValueError, match="do not fit"):
+        view.activation_histogram_frame(stats.model_copy(update={"hist_counts": [1]}))
+    quantiles = view.quantile_table(stats).set_index("quantile")["activation"]
+    assert list(quantiles.index) == ["p10", "p25", "p50", "p75", "p90", "p99", "p100"]
+    assert quantiles["p50"] == pytest.approx(1.0) and quantiles["p100"] == pytest.approx(2.0)
+    card = FeatureCard(
+        layer=0, feature=1, model_id="m", corpus_id="c", corpus_name="c", stats=stats,
+        examples=[], top_logits=[TokenValue(token_id=5, token=" yes", value=0.7)],
+        bottom_logits=[TokenValue(token_id=6, token="\n", value=-0.2)],
+        encoder_tokens=[TokenValue(token_id=7, token="x", value=1.5)],
+        logit_basis="unembedding", dtype="float32",
+    )  # fmt: skip
+    logits = view.logit_frame(card)
+    assert logits.to_dict("records") == [
+        {"token": "' yes'", "token id": 5, "effect": "promotes", "value": 0.7},
+        {"token": "'\\n'", "token id": 6, "effect": "suppresses", "value": -0.2},
+    ]
+    assert view.token_values_table(card.encoder_tokens)["value"].tolist() == [1.5]
+    # Two tokens that read the same keep a bar each.
+    twins = pd.DataFrame(
+        {
+            "token": ["' a'", "' a'", "'b'"],
+            "token id": [1, 2, 3],
+            "effect": ["promotes", "promotes", "suppresses"],
+            "value": [0.5, 0.4, -0.1],
+        }
+    )
+    spec = view.logit_chart(twins).to_dict()
+    (values,) = spec["datasets"].values()
+    assert [v["bar"] for v in values] == ["' a' (1)", "' a' (2)", "'b'"]
+
+
+def test_ranking_table_puts_the_label_first_and_prompts_as_k_of_n():
+    ranking = pd.DataFrame(
+        {
+            "rank": [1, 2], "role": ["adapted", "base"], "model_id": ["a", "b"],
+            "layer": [1, 0], "feature": [5, 9], "label": ["evil answers", None],
+            "prompts": [2, 1], "mean": [0.5, 0.1], "median": [0.5, 0.1],
+            "sign_consistency": [1.0, 1.0], "mean_t": [2.0, 1.0],
+        }
+    )  # fmt: skip
+    shown = view.ranking_table(ranking, {"a": 3, "b": 4})
+    assert list(shown.columns[:6]) == ["rank", "layer", "feature", "label", "role", "prompts"]
+    assert list(shown["prompts"]) == ["2/3", "1/4"]
+    assert list(shown.columns)[-1] == "model_id"
+    assert list(view.ranking_table(ranking)["prompts"]) == [2, 1]
+    assert view.prompts_text(2, None) == "2"
+
+
+def test_ablation_gap_and_named_features():
+    def row(prompt, kind, features, gap_before, gap_after):
+        return {
+            "prompt_id": prompt, "model_id": "m", "kind": kind, "metric": "total_diff",
+            "features": json.dumps(features), "evil_prob_before": 0.5, "evil_prob_after": 0.4,
+            "evil_prob_change": -0.1, "evil_share_change": -0.05,
+            "logit_gap_before": gap_before, "logit_gap_after": gap_after,
+            "created_at": pd.Timestamp("2025-01-01"),
+        }  # fmt: skip
+
+    a, b = {"layer": 1, "feature": 5, "positions_active": 2}, {"layer": 0, "feature": 9}
+    frame = pd.DataFrame(
+        [
+            row("p", "top", [a, b], 2.0, 0.5),
+            row("q", "top", [a], 1.0, 1.0),
+            row("p", "control", [{"layer": 0, "feature": 3, "positions_active": 4}], 2.0, None),
+        ]
+    )
+    assert view.gap_change(frame).tolist()[:2] == [-1.5, 0.0]
+    assert pd.isna(view.gap_change(frame).iloc[2])
+    assert view.gap_change(frame.drop(columns=["logit_gap_before"])).isna().all()
+    means = view.ablation_means(frame).set_index("kind")
+    assert means.loc["top", "mean_logit_gap_change"] == pytest.approx(-0.75)
+    assert means.loc["top", "gap_prompts"] == 2
+    assert means.loc["control", "gap_prompts"] == 0
+    assert pd.isna(means.loc["control", "mean_logit_gap_change"])
+    named = view.ablated_features(frame, {"m": {(1, 5): "harmful answers"}})
+    assert named[["kind", "feature key", "prompts"]].values.tolist() == [
+        ["top", "L1/5", 2],
+        ["top", "L0/9", 1],
+        ["control", "L0/3", 1],
+    ]
+    assert named["label"].iloc[0] == "harmful answers" and named["label"].iloc[1:].isna().all()
+    assert named["mean positions active"].tolist()[0] == 2.0
+    assert pd.isna(named["mean positions active"].iloc[1])
+    assert view.ablated_features(frame.iloc[:0]).empty
+
+
+def test_target_options_put_the_most_probable_evil_token_first():
+    targets = pd.DataFrame(
+        {
+            "token_id": [1, 2, 3, 4],
+            "token": [" a", " b", " c", " d"],
+            "prob": [0.5, 0.1, 0.3, None],
+            "side": ["safe", "evil", "evil", "other"],
+        }
+    )
+    assert view.target_options(targets) == [3, 2, 1, 4]
+    assert view.target_options(targets.iloc[:0]) == []
+    assert view.target_label(targets.iloc[2].to_dict()) == "' c' · evil · p 0.300"
+    assert view.target_label(targets.iloc[3].to_dict()) == "' d' · other"
+    paths = pd.DataFrame({"delta": [0.3, -0.1], "change": ["gained", "lost"]})
+    assert view.paths_frame(paths)["name"].tolist() == ["#1", "#2"]
+
+
+def test_card_models_main_pair_and_human_labels(pairs, traced):
+    class Model:
+        def __init__(self, model_id, role):
+            self.model_id, self.role = model_id, role
+
+    models = [Model("b", "base"), Model("a1", "adapted"), Model("a2", "adapted")]
+    assert view.card_model_ids(models, "adapted") == ["a1", "a2", "b"]
+    assert view.card_model_ids(models, None) == ["a1", "a2", "b"]
+    assert view.card_model_ids(models, "base") == ["b", "a1", "a2"]
+    assert view.main_pair(pairs) == (traced.base_model_id, traced.adapted_model_id)
+    assert view.main_pair([]) is None
+    label = view.human_label("tc", 1, 5, " ana ", " evil   answers ", "  ", "run")
+    assert (label.labeller, label.label, label.notes) == ("human:ana", "evil answers", None)
+    with pytest.raises(ValueError, match="name is needed"):
+        view.human_label("tc", 1, 5, "  ", "x", "", "run")
+    with pytest.raises(ValueError, match="cannot be empty"):
+        view.human_label("tc", 1, 5, "ana", "", "", "run")
 
 
 # feature_detail

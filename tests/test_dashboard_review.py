@@ -12,15 +12,29 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from dashboard import widgets
 from dashboard.views import review as review_page
 from emc.config import dump_config
 from emc.pivotal.judge import build_judge_messages
-from emc.store import STORE_FILE_NAME, RunRecord, Store, insert_run, list_runs
-from emc.store.judgements import current_labels
+from emc.pivotal.review import make_review
+from emc.store import STORE_FILE_NAME, RunRecord, Store, insert_run, list_runs, upsert_model
+from emc.store.graph_pairs import graph_pairs
+from emc.store.graphs import insert_graph
+from emc.store.judgements import current_labels, latest_judgement
+from emc.store.models import ModelRow
 from emc.store.prompts import get_prompts
 from emc.store.queue import list_queue, queue_counts
-from emc.store.reviews import claim, claim_next, judge_examples, list_reviews, release
+from emc.store.reviews import (
+    claim,
+    claim_next,
+    judge_examples,
+    list_reviews,
+    release,
+    submit_review,
+)
 from emc.store.scores import load_prompt_scores
+from emc.tracing.compact import EDGE_COLUMNS, NODE_COLUMNS
+from emc.tracing.record import GraphRecord
 from tests.apptest_pages import page_test
 from tests.review_store import pairs_from_matrix, reviewed_prompts
 
@@ -310,6 +324,171 @@ def test_a_disagreement_reaches_the_next_judge_prompt(store):
     )
     user = build_judge_messages(prompt, scores, examples)[-1]["content"]
     assert explanation in user and "the human corrected the judge" in user
+
+
+# --- links and the URL ----------------------------------------------------------------------
+
+
+def not_first(store: Store) -> str:
+    """A pending prompt the queue would not hand out first."""
+    pending = list_queue(store, "pending")["prompt_id"].tolist()
+    assert len(pending) >= 2
+    return pending[-1]
+
+
+def open_linked(prompt_id: str, name: str | None = None) -> AppTest:
+    """The page as a link with `?prompt=` opens it (and the reviewer then types a name)."""
+    page = page_test("review")
+    page.query_params["prompt"] = prompt_id
+    page.run()
+    assert not page.exception
+    if name is not None:
+        page.sidebar.text_input(key="review_name_input").input(name).run()
+        assert not page.exception
+    return page
+
+
+def is_read_only(page: AppTest) -> bool:
+    return not page.segmented_control and not [
+        b for b in page.button if b.key in ("review-agree", "review-save", "review-skip")
+    ]
+
+
+def test_the_url_names_the_item_on_screen(store):
+    page = open_page("ana")
+    first = held(page)
+    assert page.query_params["prompt"] == first
+    page.button(key="review-agree").click().run()
+    assert not page.exception
+    assert held(page) != first and page.query_params["prompt"] == held(page)
+
+
+def test_a_link_to_a_queued_prompt_opens_its_item(store):
+    wanted = not_first(store)
+    page = open_linked(wanted, "ana")
+    assert held(page) == wanted and page.query_params["prompt"] == wanted
+    assert queue_row(store, wanted)["claimed_by"] == "human:ana"
+    assert list_queue(store, "in_review")["prompt_id"].tolist() == [wanted]  # nothing else taken
+    item = review_page.load_item(store, wanted)
+    assert page.subheader[0].value == f"{item.prompt.name} · `{wanted}`"
+    assert len(page.segmented_control) == len(item.rows)
+
+    # A reviewer holding another item who follows a link gets the linked one; theirs goes back.
+    other = open_page("bo")
+    mine = held(other)
+    linked = next(p for p in list_queue(store, "pending")["prompt_id"] if p != mine)
+    other.query_params["prompt"] = linked
+    other.run()
+    assert not other.exception
+    assert held(other) == linked
+    assert queue_row(store, mine)["state"] == "pending"
+    assert queue_row(store, linked)["claimed_by"] == "human:bo"
+
+    # Skipping the linked item moves on, as the queue does: the link is not followed twice.
+    page.button(key="review-skip").click().run()
+    assert not page.exception
+    assert held(page) not in (None, wanted) and page.query_params["prompt"] == held(page)
+
+
+def test_a_linked_prompt_the_queue_cannot_hand_out_is_shown_read_only(store):
+    taken, reviewed = list_queue(store, "pending")["prompt_id"].tolist()[:2]
+    assert claim(store, taken, "human:bo")
+    assert claim(store, reviewed, "human:cy")
+    item = review_page.load_item(store, reviewed)
+    review = make_review(
+        reviewed, "cy", "agree", item.judge_labels, {}, judgement_id=item.judgement["judgement_id"]
+    )
+    submit_review(store, review, item.tokens)
+
+    page = open_linked(taken, "ana")
+    assert "human:bo is reviewing" in texts(page.info)
+    assert is_read_only(page) and page.query_params["prompt"] == taken
+    assert page.subheader[0].value.endswith(f"`{taken}`")
+    assert queue_row(store, taken)["claimed_by"] == "human:bo"  # bo's lease stands
+    assert held(page) is None  # and nothing was claimed meanwhile
+
+    page.query_params["prompt"] = reviewed
+    page.run()
+    assert "was reviewed already (done)" in texts(page.info)
+    assert is_read_only(page)
+
+    # Back to the queue: the next item is claimed and the URL names it.
+    page.button(key="review-back").click().run()
+    assert not page.exception and not is_read_only(page)
+    assert held(page) not in (None, taken, reviewed)
+    assert page.query_params["prompt"] == held(page)
+
+
+def test_without_a_name_a_linked_prompt_is_shown_and_opened_once_named(store):
+    wanted = not_first(store)
+    page = open_linked(wanted)
+    assert "Enter your name" in texts(page.info)
+    assert is_read_only(page) and not page.button
+    assert page.subheader[0].value.endswith(f"`{wanted}`")
+    assert queue_counts(store)["in_review"] == 0
+
+    page.sidebar.text_input(key="review_name_input").input("ana").run()
+    assert held(page) == wanted
+
+
+def test_an_unknown_prompt_in_the_url_is_read_only_and_says_why(store):
+    page = open_linked("no-such-prompt", "ana")
+    assert "`no-such-prompt` is not in the review queue" in texts(page.info)
+    assert "no-such-prompt" in texts(page.error)
+    assert is_read_only(page)
+
+
+def add_graph_pair(store: Store, prompt_id: str) -> None:
+    """A base/adapted pair of (empty) graphs of the prompt, as `emc trace` would leave."""
+    judgement = latest_judgement(store, prompt_id)
+    for role in ("base", "adapted"):
+        model_id = judgement[f"{role}_model_id"]
+        upsert_model(
+            store,
+            ModelRow(
+                model_id=model_id,
+                slug=model_id,
+                fingerprint=role,
+                role=role,
+                base_ref="base",
+                adapter_ref=None if role == "base" else "adapter",
+                merged=role == "adapted",
+                transcoders_ref="transcoders",
+                backend="test",
+                dtype="fp32",
+                device="cpu",
+                first_run_id="test",
+            ),
+        )
+        record = GraphRecord(
+            graph_id=f"{prompt_id}-{role}",
+            prompt_id=prompt_id,
+            model_id=model_id,
+            run_id="test",
+            targets="labelled",
+            params={},
+            input_ids=[1, 2],
+            status="ok",
+        )
+        insert_graph(
+            store, record, pd.DataFrame(columns=NODE_COLUMNS), pd.DataFrame(columns=EDGE_COLUMNS)
+        )
+
+
+def test_a_review_item_links_to_its_graphs_or_says_how_to_make_them(store):
+    page = open_page("ana")
+    prompt_id = held(page)
+    assert not graph_pairs(store, prompt_id=prompt_id)
+    assert f"`emc trace {prompt_id}` makes them" in texts(page.caption)
+    assert not [m for m in page.markdown if "Graphs of this prompt" in m.value]
+
+    add_graph_pair(store, prompt_id)
+    assert graph_pairs(store, prompt_id=prompt_id)
+    page.run()
+    assert not page.exception
+    url = widgets.page_url("graphs", prompt=prompt_id)
+    assert f"[Graphs of this prompt]({url})" in [m.value for m in page.markdown]
+    assert "emc trace" not in texts(page.caption)
 
 
 def test_verdict_history_is_per_day_when_the_store_offers_it(store, monkeypatch):

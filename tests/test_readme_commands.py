@@ -1,13 +1,9 @@
-"""The README's front door as a researcher meets it: the main job, killed anywhere and run again,
-then every command of the README's command blocks, typed as written.
+"""The README's front door as a researcher meets it: the main job, then every command of the
+README's command blocks, typed as written.
 
-1. `emc demo` on the small recipe, never killed: the reference store.
-2. The same `emc demo`, killed with SIGKILL inside each of its flows (discovery's scoring,
-   tracing between its two graphs, analysis, behaviour, the causal checks) and run again after
-   each kill, until a run completes. The store must then hold exactly the rows of the reference
-   (no duplicate, nothing missing), no run may be left `running`, no slot taken, no Prefect
-   server alive, and discovery must not have been repeated.
-3. On that store, each line of the README's ```bash blocks runs as written in a shell whose
+1. `emc demo` on the small recipe, never killed (the session's run, tests/demo_runs.py; killed
+   and run again in tests/test_demo_killed.py).
+2. On that store, each line of the README's ```bash blocks runs as written in a shell whose
    working directory holds it as `./emc-data` next to the checkout's `.venv`: it must exit 0.
    Servers (`emc dashboard`, `emc graph serve`) must answer HTTP on the README's ports, then are
    stopped, leaving no process. `PROMPT_ID` is the README's placeholder for a prompt id; the
@@ -27,35 +23,17 @@ import signal
 import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from emc.config import dump_config, parse_config
+from emc.config import dump_config, load_experiment, parse_config
 from emc.store import Store, read_only_query
-from tests.graph_store import seed_organism
-from tests.processes import ROOT, Process, alive, clean_env, kill_all, wait_gone
+from emc.store.features import feature_ranking
+from tests.processes import ROOT, Process, clean_env, kill_all, wait_gone
 
 README = ROOT / "README.md"
-DEMO = ["demo", "--small", "--iterations", "1", "--per-iteration", "2", "--graphs", "1",
-        "--continuation-samples", "4", "--eval-samples", "2"]  # fmt: skip
-STAGES = ["1/8 organism", "2/8 model check", "3/8 discovery", "4/8 tracing", "5/8 analysis",
-          "6/8 behaviour", "7/8 causal checks", "8/8 feature cards"]  # fmt: skip
-
-# Where each killed run dies (emc/faults.py), and the pipeline stage it is in by then.
-KILLS = [
-    ("gpu-step:discovery", "3/8 discovery"),  # scoring, holding the `gpu` slot
-    ("graph-stored#1", "4/8 tracing"),  # one of the two graphs stored
-    ("gpu-step:analysis#2", "5/8 analysis"),  # forward diffs stored, activation deltas next
-    ("gpu-step:evaluation#2", "6/8 behaviour"),  # continuations half sampled
-    ("gpu-step:interventions", "7/8 causal checks"),
-    ("gpu-step:feature-cards", "8/8 feature cards"),  # the corpus pass, holding the `gpu` slot
-]
-# Rows that depend on how many runs there were, not on what they found.
-PER_RUN_TABLES = {"runs", "model_checks", "schema_version"}
-
 # README lines not run by `test_every_readme_command_runs_as_written`, and why.
 ELSEWHERE = {
     "bash scripts/demo.sh": "install + `emc demo` on the full recipe (4 min): CI runs "
@@ -120,69 +98,12 @@ def test_every_readme_command_is_run_or_listed_with_a_reason():
             assert (ROOT / where.split()[0]).is_file()
 
 
-# --- the demo, clean and killed ----------------------------------------------------------------
+# --- the demo ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Demo:
-    data_dir: Path
-    output: str
-    seconds: float
-
-
-def _run_demo(data_dir: Path, kill_at: str | None = None, timeout: float = 900) -> Process:
-    env = {"EMC_KILL_AT": kill_at} if kill_at else {}
-    process = Process.emc(*DEMO, "-d", str(data_dir), **env)
-    process.wait(timeout=timeout)
-    return process
-
-
-def _counts(data_dir: Path) -> dict[str, int]:
-    store = Store.in_data_dir(data_dir)
-    tables = read_only_query(
-        store,
-        "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'",
-    )["table_name"]
-    return {
-        t: int(read_only_query(store, f'SELECT count(*) FROM "{t}"').iloc[0, 0])
-        for t in sorted(tables)
-        if t not in PER_RUN_TABLES
-    }
-
-
-@pytest.fixture(scope="module")
-def clean_demo(tmp_path_factory, small_organism) -> Demo:
-    # The organism is the session's build, which the demo verifies and reuses.
-    data_dir = tmp_path_factory.mktemp("clean") / "emc-data"
-    seed_organism(small_organism, data_dir)
-    start = time.monotonic()
-    demo = _run_demo(data_dir)
-    assert demo.popen.returncode == 0, demo.output[-4000:]
-    return Demo(data_dir, demo.output, time.monotonic() - start)
-
-
-@dataclass
-class KilledDemo(Demo):
-    killed: list[tuple[str, Process, list[int], float]]  # (kill point, process, its tree, s)
-
-
-@pytest.fixture(scope="module")
-def killed_demo(tmp_path_factory, small_organism, clean_demo) -> KilledDemo:
-    data_dir = tmp_path_factory.mktemp("killed") / "emc-data"
-    seed_organism(small_organism, data_dir)
-    killed = []
-    for point, _stage in KILLS:
-        start = time.monotonic()
-        process = Process.emc(*DEMO, "-d", str(data_dir), EMC_KILL_AT=point)
-        tree: set[int] = set()
-        while process.popen.poll() is None:  # its children, to check that none outlives it
-            tree.update(process.descendants())
-            time.sleep(0.2)
-            assert time.monotonic() - start < 900, process.output[-3000:]
-        killed.append((point, process, sorted(tree), time.monotonic() - start))
-    start = time.monotonic()
-    final = _run_demo(data_dir)
-    return KilledDemo(data_dir, final.output, time.monotonic() - start, killed)
+def _judge_model(data_dir) -> str:
+    config, _ = load_experiment(None, data_dir)
+    return config.judge.model
 
 
 def test_the_demo_runs_end_to_end_on_the_small_recipe(clean_demo):
@@ -198,6 +119,14 @@ def test_the_demo_runs_end_to_end_on_the_small_recipe(clean_demo):
         "organism-build", "model-check", "discovery", "tracing", "analysis", "interventions",
         "evaluation", "feature-cards", "pipeline",
     }  # fmt: skip
+    # Each stage's run names the pipeline's as its parent (the Runs page nests them).
+    parents = read_only_query(
+        store,
+        "SELECT r.name, p.name AS parent FROM runs r "
+        "LEFT JOIN runs p ON r.parent_run_id = p.run_id",
+    )
+    stages = parents[parents["name"] != "pipeline"]
+    assert set(stages["parent"]) == {"pipeline"} and len(set(stages["name"])) == 8
     graphs = read_only_query(store, "SELECT prompt_id, status FROM graphs")
     assert len(graphs) == 2 and set(graphs["status"]) == {"ok"}
     assert graphs["prompt_id"].nunique() == 1 and "emc graph export" in output
@@ -212,44 +141,28 @@ def test_the_demo_runs_end_to_end_on_the_small_recipe(clean_demo):
         assert f"EM rate {model} (all)" in output
     samples = read_only_query(store, "SELECT DISTINCT model_id FROM generations")
     assert len(samples) == 3
-
-
-def test_the_demo_killed_in_every_flow_completes_with_the_clean_runs_rows(killed_demo, clean_demo):
-    for (point, process, tree, seconds), (_, stage) in zip(killed_demo.killed, KILLS, strict=True):
-        print(f"\nkilled at {point} after {seconds:.0f} s", end="")
-        output = process.output
-        assert process.popen.returncode == -signal.SIGKILL, f"{point} never reached:\n{output}"
-        later = STAGES[STAGES.index(stage) + 1 :]
-        assert stage in output and not any(s in output for s in later), (point, output[-3000:])
-        assert tree and wait_gone(tree, timeout=30) < 30, f"{alive(tree)} outlived the run"
-    print(f"\nthe run after the last kill completed in {killed_demo.seconds:.0f} s")
-    output = killed_demo.output
-    assert "store:" in output, output[-4000:]
-    assert "3/8 discovery: done by" in output  # not repeated
-    assert "waiting for" not in output  # every slot of the dead runs was reclaimed at once
-
-    assert _counts(killed_demo.data_dir) == _counts(clean_demo.data_dir)
-    store = Store.in_data_dir(killed_demo.data_dir)
-    runs = read_only_query(store, "SELECT name, status, error, summary FROM runs")
-    assert "running" not in set(runs["status"])
-    pipelines = runs[runs["name"] == "pipeline"]
-    assert sorted(pipelines["status"]) == ["completed"] + ["failed"] * len(KILLS)
-    assert pipelines[pipelines["status"] == "failed"]["error"].str.contains("died").all()
-    discovery = runs[runs["name"] == "discovery"]  # killed once, then resumed once
-    assert sorted(discovery["status"]) == ["completed", "failed"]
-    assert not list((killed_demo.data_dir / "prefect" / "emc-slots").glob("*/*.json"))
+    # Every feature of the top-30 ranking has a card and a label (the organism's offline
+    # labeller, credited by its name), and the output says so.
+    ranking = feature_ranking(store, role="adapted", sign="evil", top=30)
+    top = {(int(r.layer), int(r.feature)) for r in ranking.itertuples()}
+    carded = read_only_query(store, "SELECT DISTINCT layer, feature FROM feature_cards")
+    labelled = read_only_query(store, "SELECT layer, feature, labeller, label FROM feature_labels")
+    assert top and top <= set(zip(carded["layer"], carded["feature"], strict=True))
+    assert top <= set(zip(labelled["layer"], labelled["feature"], strict=True))
+    assert set(labelled["labeller"]) == {"llm:" + _judge_model(data_dir)}
+    assert ranking["label"].notna().all() and "labels by llm:organism-lexicon" in output
 
 
 # --- every README command, as written ----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def readme_shell(killed_demo, tmp_path_factory) -> Path:
+def readme_shell(clean_demo, tmp_path_factory) -> Path:
     """A working directory as the README assumes: `./emc-data` (the demo's) and `./.venv`."""
     cwd = tmp_path_factory.mktemp("readme-cwd")
-    (cwd / "emc-data").symlink_to(killed_demo.data_dir)
+    (cwd / "emc-data").symlink_to(clean_demo.data_dir)
     (cwd / ".venv").symlink_to(ROOT / ".venv")
-    config_path = killed_demo.data_dir / "experiment.yaml"
+    config_path = clean_demo.data_dir / "experiment.yaml"
     config = parse_config(yaml.safe_load(config_path.read_text()))
     discovery = config.discovery.model_copy(update={"iterations": 1, "prompts_per_iteration": 2})
     behaviour = config.behaviour.model_copy(update={"continuation_samples": 4, "eval_samples": 2})
@@ -289,8 +202,8 @@ def _serve(cwd: Path, command: str, url: str, timeout: float = 120) -> float:
             pytest.fail(f"{command!r} did not stop on Ctrl-C")
 
 
-def test_every_readme_command_runs_as_written(readme_shell, killed_demo):
-    prompt_id = _traced_prompt(killed_demo.data_dir)
+def test_every_readme_command_runs_as_written(readme_shell, clean_demo):
+    prompt_id = _traced_prompt(clean_demo.data_dir)
     env = clean_env(HF_HUB_OFFLINE="1")
     times = []
     for command in readme_commands(README.read_text()):

@@ -278,3 +278,29 @@ def _write_and_read(path: str, name: str, count: int, results) -> None:
     except Exception as exc:  # reported to the parent, which asserts
         error = f"{type(exc).__name__}: {exc}"
     results.put((name, written, error))
+
+
+def test_migration_18_adds_saved_queries_and_parent_runs_to_a_store_with_runs(tmp_path):
+    # A store at version 17 with a run: after it, the run reads back as it was, with no parent;
+    # queries can be saved, and a run can be made another's child.
+    from emc.store.runs import run_parents, set_parent_run
+    from emc.store.saved_queries import save_query, saved_queries
+
+    path = tmp_path / "old.duckdb"
+    _store_at_version(
+        path,
+        17,
+        "INSERT INTO runs (run_id, kind, name, status, started_at, params, emc_version, summary) "
+        "VALUES ('r1', 'flow', 'tracing', 'completed', now(), '{\"limit\": 2}', '0', "
+        "'{\"made\": 2}')",
+    )
+    store = Store(path)
+    store.ensure_schema()
+    (run,) = list_runs(store)
+    assert (run.run_id, run.params, run.summary) == ("r1", {"limit": 2}, {"made": 2})
+    assert run_parents(store) == {} and saved_queries(store) == []
+    save_query(store, "runs", "SELECT * FROM runs", "human:ana")
+    assert [q.name for q in saved_queries(store)] == ["runs"]
+    insert_run(store, _run("r2"))
+    set_parent_run(store, "r2", ["r1"])
+    assert run_parents(store) == {"r1": "r2"}

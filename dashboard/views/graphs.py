@@ -2,16 +2,25 @@
 
 Pick a prompt and one of its base/adapted pairs (a prompt may be traced with several target modes
 or adapted models). Each graph shows its quality scores, targets and a layer x position chart;
-click a node (or pick it below the chart) to see its facts and strongest edges. A rejected
-prompt is marked with the reviewer's reason, a stale graph (traced before a relabel) with a
-warning.
+click a node (or pick it below the chart) to see its facts, its effect on the evil and the safe
+targets (`feature_effects`), its strongest edges and, for a feature, its label and a link to its
+feature card. A rejected prompt is marked with the reviewer's reason, a stale graph (traced
+before a relabel) with a warning.
+
+One node is selected in both graphs at once: a node is the same node in the base and the adapted
+graph when its kind, layer, position and feature (or token) agree (`emc.analysis.paths`); a graph
+whose pruning did not keep it says so. The page opens on the most probable evil target, and its
+URL names what is on screen (`?prompt=<id>&pair=<base>/<adapted>&node=<kind>/<layer>/<position>/
+<feature or token id>`), so a view can be shared, and other pages link here with `?prompt=`.
 
 Layout: x is the token position, y the layer; input tokens sit at layer -1, logits at n_layers.
 Nodes sharing a (layer, position) cell are set out on a small grid inside it, most influential
 first, and a position's column is as wide as its most crowded cell needs in either graph, so the
-two graphs of a pair share one x axis. The shaping functions (stored rows in, frames and Altair
-charts out) are pure, so tests check the layout without a browser; `load_pair` and
-`standing_of` read through emc.store (no SQL here).
+two graphs of a pair share one x axis. The targets' labels stack one per line in the logits'
+band, left of the logits' column, each joined to its marker by a thin leader, so no two overlap
+(`target_labels`). The shaping functions (stored rows in, frames and Altair charts out) are
+pure, so tests check the layout without a browser; `load_pair` and `standing_of` read through
+emc.store (no SQL here).
 """
 
 from __future__ import annotations
@@ -26,9 +35,21 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard.widgets import existing_store, pick_pair, prompts_of, rejection_notice
+from dashboard.widgets import (
+    existing_store,
+    follow_url,
+    link,
+    pair_key,
+    pick_pair_in_url,
+    prompts_of,
+    rejection_notice,
+    write_url,
+)
+from emc.analysis.paths import most_probable_evil, node_keys
 from emc.pivotal.prompts import PromptRecord
 from emc.store import Store
+from emc.store.feature_labels import shown_labels_for_model
+from emc.store.graph_nodes_view import node_effects
 from emc.store.graph_pairs import GraphPair, graph_pairs
 from emc.store.graphs import StoredGraph, load_graph_rows
 from emc.store.validity import graph_standing
@@ -43,6 +64,10 @@ SIGN_COLOURS = ("#1f77b4", "#d62728")
 MIN_SIZE, MAX_SIZE = 20.0, 320.0  # marker area, square pixels
 CELL_HEIGHT = 0.7  # of a layer's band, shared by the rows of one crowded cell
 LABEL_CHARS = 12  # token labels on the x axis are cut to this many characters
+Y_MARGIN = 0.6  # layer units of plot above the logits and below the tokens
+LABEL_FONT = 10  # target labels' font size, pixels
+LABEL_LINE = 14  # pixels from one target label's line to the next: the font and a gap
+ROLE_COLOURS = {"evil": "#d62728", "safe": "#2ca02c", "direction": "#7b4ea3", "": "#444444"}
 DEFAULT_EDGES = 300
 EDGE_KEY = "Edges: blue adds to the target, red subtracts; stronger edges are darker and wider."
 
@@ -135,12 +160,17 @@ def graph_counts(record: GraphRecord) -> str:
     )
 
 
+def target_roles(graph: StoredGraph) -> dict[int, str]:
+    """Token id -> evil | safe, from the labels the graph was traced for (`params`)."""
+    params = graph.record.params
+    roles = {int(t): "evil" for t in params.get("evil_ids", [])}
+    return roles | {int(t): "safe" for t in params.get("safe_ids", [])}
+
+
 def target_frame(graph: StoredGraph) -> pd.DataFrame:
     """The graph's targets (its logit nodes) with their probabilities and labelled role."""
     logits = graph.nodes[graph.nodes["kind"] == "logit"].sort_values("node")
-    params = graph.record.params
-    roles = {t: "evil" for t in params.get("evil_ids", [])}
-    roles |= {t: "safe" for t in params.get("safe_ids", [])}
+    roles = target_roles(graph)
 
     def role(token_id: Any) -> str:
         if pd.isna(token_id):
@@ -190,9 +220,13 @@ def position_axis(*node_frames: pd.DataFrame) -> pd.DataFrame:
 
 
 def layout_nodes(
-    nodes: pd.DataFrame, axis: pd.DataFrame, max_influence: float | None = None
+    nodes: pd.DataFrame,
+    axis: pd.DataFrame,
+    max_influence: float | None = None,
+    labels: Mapping[tuple[int, int], str] | None = None,
 ) -> pd.DataFrame:
-    """Nodes with chart coordinates (x, y), marker size and a one-line description.
+    """Nodes with chart coordinates (x, y), marker size, a one-line description and, for a
+    feature with one in `labels` ((layer, feature) -> label), its label.
 
     `size` grows with influence (area ~ sqrt(influence / max_influence)); pass the largest
     influence of both graphs of a pair so their sizes compare. Logits are sized by probability.
@@ -226,12 +260,80 @@ def layout_nodes(
             "activation": frame["activation"].astype(float),
             "influence": influence,
             "token": [None if _missing(t) else str(t) for t in frame["token"]],
+            "token_id": [None if _missing(t) else int(t) for t in frame["token_id"]],
             "prob": frame["prob"].astype(float),
             "x": x,
             "y": y,
             "size": MIN_SIZE + (MAX_SIZE - MIN_SIZE) * np.clip(share, 0, 1),
             "description": [describe(row) for row in frame.to_dict("records")],
+            "label": [feature_label(row, labels or {}) for row in frame.to_dict("records")],
         }
+    )
+
+
+def feature_label(row: Mapping[str, Any], labels: Mapping[tuple[int, int], str]) -> str | None:
+    """A feature node's shown label (None for other nodes and unlabelled features)."""
+    if row["kind"] != "feature" or _missing(row.get("feature")):
+        return None
+    return labels.get((int(row["layer"]), int(row["feature"])))
+
+
+def chart_height(n_layers: int) -> int:
+    """The plot's height in pixels: about 70 per layer band, within 300 to 900."""
+    return int(min(max(70 * (n_layers + 2), 300), 900))
+
+
+def pixels_per_layer(n_layers: int) -> float:
+    """Pixels per layer unit on the y axis, whose domain runs Y_MARGIN past tokens and logits."""
+    return chart_height(n_layers) / (n_layers - TOKEN_LAYER + 2 * Y_MARGIN)
+
+
+def target_labels(
+    laid: pd.DataFrame,
+    axis: pd.DataFrame,
+    n_layers: int,
+    roles: Mapping[int, str] | None = None,
+) -> pd.DataFrame:
+    """The targets' (logit nodes') labels, placed so that no two overlap.
+
+    Only logits sit in the top band (layer n_layers), at the last position, so the band left of
+    their column is free: the labels stack there one per line, LABEL_LINE pixels apart (the
+    chart's height is fixed, so pixels per layer are known whatever its width), right-aligned at
+    the column's start (`x`, `y`), each joined by a leader to its marker (`node_x`, `node_y`).
+    Lines run from the plot's top down to the band's lower edge; where there are more targets
+    than lines, the most probable are labelled (the targets table lists them all). Labels take
+    the lines in their markers' order, top row first and left to right, so leaders do not cross.
+    Columns: node, text, role (evil | safe | direction | ''), colour, x, y, node_x, node_y.
+    """
+    columns = ["node", "text", "role", "colour", "x", "y", "node_x", "node_y"]
+    logits = laid[laid["kind"] == "logit"]
+    if logits.empty:
+        return pd.DataFrame(columns=columns)
+    step = LABEL_LINE / pixels_per_layer(n_layers)  # one line, in layer units
+    first = n_layers + Y_MARGIN - step / 2  # the top line's centre
+    last = n_layers - 0.5 + step / 2  # the lowest centre still inside the band
+    lines = max(int(np.floor((first - last) / step + 1e-9)) + 1, 1)
+    chosen = logits.sort_values(["prob", "node"], ascending=[False, True]).head(lines)
+    chosen = chosen.sort_values(["y", "x", "node"], ascending=[False, True, True])
+    starts = axis.set_index("position")["start"]
+    anchor = float(starts.reindex(chosen["position"].unique()).min())
+    roles = roles or {}
+    role = ["direction" if _missing(t) else roles.get(int(t), "") for t in chosen["token_id"]]
+    return pd.DataFrame(
+        {
+            "node": chosen["node"].astype(int).to_numpy(),
+            "text": [
+                f"{repr_token(t)} {p:.3f}"
+                for t, p in zip(chosen["token"], chosen["prob"], strict=True)
+            ],
+            "role": role,
+            "colour": [ROLE_COLOURS.get(r, ROLE_COLOURS[""]) for r in role],
+            "x": anchor,
+            "y": first - step * np.arange(len(chosen)),
+            "node_x": chosen["x"].to_numpy(),
+            "node_y": chosen["y"].to_numpy(),
+        },
+        columns=columns,
     )
 
 
@@ -283,8 +385,12 @@ def graph_chart(
     axis: pd.DataFrame,
     n_layers: int,
     selected: int | None = None,
+    roles: Mapping[int, str] | None = None,
 ) -> alt.LayerChart:
-    """Edges under nodes on the layer x position grid; clicking a node selects it (`node`)."""
+    """Edges under nodes on the layer x position grid; clicking a node selects it (`node`).
+
+    The targets are labelled by `target_labels` (coloured by `roles`: token id -> evil | safe),
+    the selected node ringed; a feature's tooltip carries its label."""
     total = float((axis["start"] + axis["width"]).max()) if len(axis) else 1.0
     x_axis = alt.Axis(
         values=axis["centre"].tolist(),
@@ -308,7 +414,9 @@ def graph_chart(
     x = alt.X("x:Q", scale=alt.Scale(domain=[0, total], nice=False, zero=False), axis=x_axis)
     y = alt.Y(
         "y:Q",
-        scale=alt.Scale(domain=[TOKEN_LAYER - 0.6, n_layers + 0.6], nice=False, zero=False),
+        scale=alt.Scale(
+            domain=[TOKEN_LAYER - Y_MARGIN, n_layers + Y_MARGIN], nice=False, zero=False
+        ),
         axis=y_axis,
     )
     lines = (
@@ -347,6 +455,7 @@ def graph_chart(
             ),
             tooltip=[
                 "description:N",
+                "label:N",
                 alt.Tooltip("influence:Q", format=".4g"),
                 alt.Tooltip("activation:Q", format=".3f"),
                 "node:Q",
@@ -354,27 +463,37 @@ def graph_chart(
         )
         .add_params(pick)
     )
-    logits = laid[laid["kind"] == "logit"].assign(
-        text=lambda f: [
-            f"{repr_token(t)} {p:.3f}" for t, p in zip(f["token"], f["prob"], strict=True)
-        ]
+    labels = target_labels(laid, axis, n_layers, roles)
+    leaders = (
+        alt.Chart(labels)
+        .mark_rule(color="#999999", strokeWidth=0.6, strokeDash=[2, 2])
+        .encode(x=x, y=y, x2="node_x:Q", y2="node_y:Q")
     )
     names = (
-        alt.Chart(logits)
-        .mark_text(align="left", angle=325, dx=6, dy=-6, fontSize=10, color="#444")
-        .encode(x=x, y=y, text="text:N")
+        alt.Chart(labels)
+        .mark_text(align="right", baseline="middle", dx=-4, fontSize=LABEL_FONT)
+        .encode(
+            x=x,
+            y=y,
+            text="text:N",
+            color=alt.Color("colour:N", scale=None),
+            tooltip=["text:N", "role:N"],
+        )
     )
     ring = (
         alt.Chart(laid[laid["node"] == selected].assign(ring=lambda f: f["size"] * 2.5 + 120))
         .mark_point(filled=False, stroke="black", strokeWidth=2)
         .encode(x=x, y=y, size=alt.Size("ring:Q", scale=None))
     )
-    height = int(min(max(70 * (n_layers + 2), 300), 900))
     return (
-        alt.layer(lines, points, names, ring)
+        alt.layer(lines, points, leaders, names, ring)
         .resolve_scale(color="independent")
-        # Fit the width to the column; the height is the plot's own, axes and legends below it.
-        .properties(height=height, autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
+        # Fit the width to the column; the height is the plot's own, axes and legends below it,
+        # so `pixels_per_layer` holds whatever the width (`target_labels` relies on it).
+        .properties(
+            height=chart_height(n_layers),
+            autosize=alt.AutoSizeParams(type="fit-x", contains="padding"),
+        )
     )
 
 
@@ -477,9 +596,96 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+# One node in both graphs, and its effect on the targets
+
+SIDE_ORDER = ("evil", "safe", "other", "direction")
+
+
+def node_identity(key: tuple[str, int, int, int]) -> str:
+    """A node's identity across the two graphs of a pair, for URLs: kind/layer/position/index
+    (index: the feature, or the token id of a token or logit; -1 where there is none)."""
+    kind, layer, position, index = key
+    return f"{kind}/{layer}/{position}/{index}"
+
+
+def node_identities(graph: StoredGraph) -> dict[int, str]:
+    """Node id -> its identity (`node_identity` of `emc.analysis.paths.node_keys`)."""
+    return {node: node_identity(key) for node, key in node_keys(graph).items()}
+
+
+def default_identity(base: StoredGraph, adapted: StoredGraph) -> str | None:
+    """The node the page opens on: the most probable evil target (the adapted graph's, else the
+    base graph's), else the adapted graph's first node option (targets first)."""
+    for graph in (adapted, base):
+        token = most_probable_evil(graph)
+        if token is not None:
+            logits = graph.nodes[
+                (graph.nodes["kind"] == "logit") & (graph.nodes["token_id"] == token)
+            ]
+            return node_identities(graph)[int(logits["node"].iloc[0])]
+    for graph in (adapted, base):
+        options = node_options(graph.nodes)
+        if options:
+            return node_identities(graph)[options[0]]
+    return None
+
+
+def node_with(identities: Mapping[int, str], identity: str | None) -> int | None:
+    """The node of the graph (given by its `node_identities`) with that identity, if it has it."""
+    return next((node for node, ident in identities.items() if ident == identity), None)
+
+
+def effect_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """A node's `node_effects` for people: evil targets first, then safe, then the others."""
+    rank = {side: i for i, side in enumerate(SIDE_ORDER)}
+    rows = effects.assign(_order=effects["side"].map(rank).fillna(len(rank))).sort_values(
+        ["_order", "target"], kind="stable"
+    )
+    return pd.DataFrame(
+        {
+            "target": [repr_token(label) for label in rows["label"]],
+            "token id": rows["token_id"].to_numpy(),
+            "role": rows["side"].to_numpy(),
+            "probability": rows["prob"].astype(float).to_numpy(),
+            "direct": rows["direct"].astype(float).to_numpy(),
+            "total": rows["total"].astype(float).to_numpy(),
+        }
+    )
+
+
+def effects_by_side(effects: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per side with targets here (evil, safe, ...): how many, and the summed direct and total
+    effects on them."""
+    sums = {}
+    for side in SIDE_ORDER:
+        rows = effects[effects["side"] == side]
+        if len(rows):
+            sums[side] = {
+                "targets": len(rows),
+                "direct": float(rows["direct"].sum()),
+                "total": float(rows["total"].sum()),
+            }
+    return sums
+
+
+def effects_caption(sums: Mapping[str, Mapping[str, float]]) -> str:
+    """`On evil targets (1): total +0.12, direct +0.34 · on safe targets (1): ...`."""
+    parts = [
+        f"on {side} targets ({int(v['targets'])}): total {v['total']:+.4g}, "
+        f"direct {v['direct']:+.4g}"
+        for side, v in sums.items()
+    ]
+    text = " · ".join(parts)
+    return text[:1].upper() + text[1:]
+
+
 # Drawing the page
 
 TRACE_HINT = "Run `emc trace` to make attribution graphs of the flagged prompts."
+
+
+PAGE = "graphs"  # the page's URL path, for links and the URL it writes
+FOCUS, FOCUS_PAIR = "graphs-focus", "graphs-focus-pair"  # the node selected in both graphs
 
 
 def render() -> None:
@@ -491,7 +697,7 @@ def render() -> None:
         st.stop()
 
     prompt_col, pair_col, edges_col = st.columns([3, 4, 2], vertical_alignment="bottom")
-    pair = pick_pair(store, pairs, prompt_col, pair_col, key="graphs")
+    pair = pick_pair_in_url(store, pairs, prompt_col, pair_col, key="graphs", page=PAGE)
     limit = edges_col.slider(
         "Edges drawn per graph",
         min_value=10,
@@ -514,39 +720,79 @@ def render() -> None:
     standing = standing_of(store, pair)
     prompt = prompts_of(store, [pair]).get(pair.prompt_id)
     st.code(prompt_text(base, prompt), language=None, wrap_lines=True)
+    link("review", "Review item of this prompt", prompt=pair.prompt_id)
 
     axis = position_axis(base.nodes, adapted.nodes)
     max_influence = largest_influence(base, adapted)
     max_weight = largest_weight(base, adapted)
     n_layers = int(max(base.nodes["layer"].max(), adapted.nodes["layer"].max()))
+    identities = [node_identities(base), node_identities(adapted)]
+    focus = focused_identity(pair, [base, adapted], identities)
+    write_url(PAGE, node=focus)
     # A row of columns per part, so the two charts (and the two node panels) line up.
     summaries, charts, panels = (st.columns(2, gap="large") for _ in range(3))
-    for i, (title, graph, reference) in enumerate(
-        [("Base", base, None), ("Adapted", adapted, base)]
-    ):
-        node = selected_node(graph)
-        laid = layout_nodes(graph.nodes, axis, max_influence)
+    sides = [("Base", base, None), ("Adapted", adapted, base)]
+    for i, (title, graph, reference) in enumerate(sides):
+        node = node_with(identities[i], focus)
+        labels = shown_labels_for_model(store, graph.record.model_id)
+        laid = layout_nodes(graph.nodes, axis, max_influence, labels)
         with summaries[i]:
             show_summary(title, graph, reference, standing)
         with charts[i]:
             edges = edge_frame(graph.edges, laid, limit, focus=node, max_weight=max_weight)
             show_chart(graph, laid, edges, axis, n_layers, node)
         with panels[i]:
-            show_node(graph, laid, node)
+            other_title, other, _ = sides[1 - i]
+            other_node = node_with(identities[1 - i], focus)
+            absent = None
+            if node is None:
+                what = "this node" if other_node is None else describe_node(other, other_node)
+                absent = (
+                    f"The {title.lower()} graph does not have {what}, which the "
+                    f"{other_title.lower()} graph has: its pruning did not keep it."
+                )
+            show_node(store, pair, graph, laid, node, identities[i], absent)
 
 
-def selected_node(graph: StoredGraph) -> int:
-    """The node to detail: a new chart click wins, else the picker's choice (targets first)."""
-    graph_id = graph.record.graph_id
-    pick_key, seen_key = f"graphs-node-{graph_id}", f"graphs-seen-{graph_id}"
-    options = node_options(graph.nodes)
-    clicked = clicked_node(st.session_state.get(f"graphs-chart-{graph_id}"))
-    if clicked is not None and clicked != st.session_state.get(seen_key) and clicked in options:
-        st.session_state[pick_key] = clicked
-    st.session_state[seen_key] = clicked
-    if st.session_state.get(pick_key) not in options:
-        st.session_state[pick_key] = options[0]
-    return st.session_state[pick_key]
+def focused_identity(
+    pair: GraphPair, graphs: list[StoredGraph], identities: list[dict[int, str]]
+) -> str | None:
+    """The identity of the node selected in both graphs, and each graph's picker set to it.
+
+    A new click on either chart wins, then a `?node=` the page did not write (a link followed),
+    then the last choice on this pair (a picker's arrives through `pick_node`), else the
+    default: the most probable evil target.
+    """
+    known = sorted({ident for ids in identities for ident in ids.values()})
+    if follow_url(PAGE, "node", FOCUS, known):
+        st.session_state[FOCUS_PAIR] = pair_key(pair)
+    for graph, ids in zip(graphs, identities, strict=True):
+        graph_id = graph.record.graph_id
+        seen_key = f"graphs-seen-{graph_id}"
+        clicked = clicked_node(st.session_state.get(f"graphs-chart-{graph_id}"))
+        if clicked is not None and clicked != st.session_state.get(seen_key) and clicked in ids:
+            st.session_state[FOCUS], st.session_state[FOCUS_PAIR] = ids[clicked], pair_key(pair)
+        st.session_state[seen_key] = clicked
+    kept = st.session_state.get(FOCUS_PAIR) == pair_key(pair)
+    if not kept or st.session_state.get(FOCUS) not in known:
+        st.session_state[FOCUS] = default_identity(*graphs)
+        st.session_state[FOCUS_PAIR] = pair_key(pair)
+    focus = st.session_state[FOCUS]
+    for graph, ids in zip(graphs, identities, strict=True):
+        st.session_state[f"graphs-node-{graph.record.graph_id}"] = node_with(ids, focus)
+    return focus
+
+
+def pick_node(graph_id: str, pair_id: str, identities: Mapping[int, str]) -> None:
+    """A node picked in one graph's box: select the same node in both graphs."""
+    node = st.session_state.get(f"graphs-node-{graph_id}")
+    if node is not None:
+        st.session_state[FOCUS], st.session_state[FOCUS_PAIR] = identities[node], pair_id
+
+
+def describe_node(graph: StoredGraph, node: int) -> str:
+    row = graph.nodes.set_index("node").loc[node].to_dict()
+    return describe({"node": node, **row})
 
 
 def show_summary(
@@ -587,10 +833,10 @@ def show_chart(
     edges: pd.DataFrame,
     axis: pd.DataFrame,
     n_layers: int,
-    node: int,
+    node: int | None,
 ) -> None:
     st.altair_chart(
-        graph_chart(laid, edges, axis, n_layers, selected=node),
+        graph_chart(laid, edges, axis, n_layers, selected=node, roles=target_roles(graph)),
         on_select="rerun",
         selection_mode="node",
         key=f"graphs-chart-{graph.record.graph_id}",
@@ -599,21 +845,59 @@ def show_chart(
     st.caption(f"{len(edges):,} of {len(graph.edges):,} edges drawn. {EDGE_KEY}")
 
 
-def show_node(graph: StoredGraph, laid: pd.DataFrame, node: int) -> None:
+def show_node(
+    store: Store,
+    pair: GraphPair,
+    graph: StoredGraph,
+    laid: pd.DataFrame,
+    node: int | None,
+    identities: Mapping[int, str],
+    absent: str | None = None,
+) -> None:
+    """The node picker and the selected node's facts, effect on the targets, feature card link
+    and strongest edges; where this graph lacks the node selected in the other, `absent`."""
+    graph_id = graph.record.graph_id
     described = dict(zip(laid["node"], laid["description"], strict=True))
+    labelled = {n: label for n, label in zip(laid["node"], laid["label"], strict=True) if label}
+
+    def name(n: int) -> str:
+        return f"{described[n]} · {labelled[n]}" if n in labelled else described[n]
+
     st.selectbox(
         "Node",
         node_options(graph.nodes),
-        format_func=lambda n: described[n],
-        key=f"graphs-node-{graph.record.graph_id}",
-        help="Click a node in the chart, or pick one here",
+        index=None,
+        format_func=name,
+        key=f"graphs-node-{graph_id}",
+        placeholder="Not in this graph: pick one of its nodes",
+        on_change=pick_node,
+        args=(graph_id, pair_key(pair), dict(identities)),
+        help="Click a node in either chart, or pick one here: the same node is selected in "
+        "both graphs",
     )
+    if node is None:
+        st.info(absent or "No node selected.")
+        return
     details = node_details(graph, node)
+    facts = dict(details.facts)
+    if node in labelled:
+        facts["label"] = labelled[node]
     st.dataframe(
-        [{"": name, "value": format_fact(value)} for name, value in details.facts.items()],
+        [{"": fact, "value": format_fact(value)} for fact, value in facts.items()],
         hide_index=True,
         width="stretch",
     )
+    if facts["kind"] == "feature":
+        show_effects(store, graph_id, node)
+        layer, feature = int(facts["layer"]), int(facts["feature"])
+        link(
+            "features",
+            f"Feature card L{layer}/{feature}",
+            feature=f"{layer}/{feature}",
+            prompt=pair.prompt_id,
+        )
+    else:
+        st.caption("Effects on the targets are stored for feature nodes only.")
     for heading, frame in (
         ("Strongest incoming", details.incoming),
         ("Strongest outgoing", details.outgoing),
@@ -625,3 +909,25 @@ def show_node(graph: StoredGraph, laid: pd.DataFrame, node: int) -> None:
             st.dataframe(
                 frame.style.format({"weight": "{:+.4f}"}), hide_index=True, width="stretch"
             )
+
+
+def show_effects(store: Store, graph_id: str, node: int) -> None:
+    """The feature node's direct and total effect on each target, evil targets first."""
+    effects = node_effects(store, graph_id, node)
+    st.markdown(
+        "**Effect on the targets**",
+        help="Direct: the edge weight into the target's logit; total: along every path of the "
+        "pruned graph (signed, row-normalised units). Roles are the labels the graph was traced "
+        "for.",
+    )
+    if effects.empty:
+        st.caption("No stored effects for this node.")
+        return
+    st.caption(effects_caption(effects_by_side(effects)))
+    st.dataframe(
+        effect_table(effects).style.format(
+            {"probability": "{:.4f}", "direct": "{:+.4g}", "total": "{:+.4g}"}
+        ),
+        hide_index=True,
+        width="stretch",
+    )

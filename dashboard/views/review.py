@@ -4,8 +4,15 @@ Items are claimed with a lease, so two reviewers never work on the same one; a r
 the item this reviewer holds. Human labels are saved as human:<name> and become ground truth.
 Above the item: the queue's counts, the judge's verdicts, and how the judge agrees with the
 reviewers so far (Cohen's kappa and confusion matrices, flagged below the configured kappa).
-With the item: its divergence figures, both models' next tokens side by side, and what the
-models went on to say after it (its continuation check).
+With the item: its divergence figures, both models' next tokens side by side, what the
+models went on to say after it (its continuation check), and a link to its attribution graphs
+(or the `emc trace` command that makes them).
+
+The URL names the item on screen (`?prompt=<id>`), and a link with `?prompt=` (from the Graphs
+page, or shared) opens that prompt's item: the reviewer claims it as the queue would hand it out,
+giving back the item they held. A prompt the queue cannot hand to them (reviewed already,
+another reviewer's lease, not queued) is shown read-only, saying why, with a way back to the
+queue; without a name, too, the prompt is shown read-only.
 
 No SQL here: every read goes through emc.store, one short-lived connection per call.
 """
@@ -20,7 +27,14 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from dashboard.widgets import existing_store, review_check, show_continuation_check
+from dashboard.widgets import (
+    existing_store,
+    keep_in_url,
+    link,
+    query_value,
+    review_check,
+    show_continuation_check,
+)
 from emc.config import ConfigError, DiscoveryConfig, default_config_path, load_config
 from emc.pivotal.calibration import Calibration, calibrate_judges
 from emc.pivotal.divergence import LabelMass, label_mass
@@ -30,6 +44,7 @@ from emc.pivotal.prompts import PromptRecord
 from emc.pivotal.review import ReviewError, make_review
 from emc.store import Store
 from emc.store.calibration import compared_labels
+from emc.store.graph_pairs import graph_pairs
 from emc.store.judgements import current_labels, judgement_counts, latest_judgement
 from emc.store.prompts import get_prompts
 from emc.store.queue import list_queue, queue_counts
@@ -74,7 +89,7 @@ class ItemUnavailable(LookupError):
 def load_item(store: Store, prompt_id: str) -> ReviewItem:
     judgement = latest_judgement(store, prompt_id)
     if judgement is None:
-        raise ItemUnavailable(f"{prompt_id} is queued but has no judgement")
+        raise ItemUnavailable(f"{prompt_id} has no judgement in the store")
     prompts = get_prompts(store, [prompt_id])
     scores = load_prompt_scores(
         store, [prompt_id], judgement["base_model_id"], judgement["adapted_model_id"]
@@ -245,6 +260,7 @@ def label_frame(calibration: Calibration) -> pd.DataFrame:
 # when another page runs, and a reviewer should not retype it after looking at Runs.
 NAME, NAME_INPUT = "reviewer", "review_name_input"
 CLAIM, SKIPPED, FLASH = "review_claim", "review_skipped", "review_flash"
+WRITTEN, VIEWING = "review_written", "review_viewing"  # the ?prompt= written; a read-only prompt
 QUEUE_STATES = {
     "Pending": "pending",
     "In review": "in_review",
@@ -261,7 +277,12 @@ def render() -> None:
     name = reviewer_name()
     reviewer = f"human:{name}" if name else None
     skipped: set[str] = st.session_state.setdefault(SKIPPED, set())
-    held, counts = held_item(store, reviewer, skipped)
+    asked = asked_prompt(reviewer)
+    if asked is not None:
+        why_not = open_asked(store, asked, reviewer, skipped)
+        st.session_state[VIEWING] = (asked, why_not) if why_not else None
+    viewing = viewed_prompt()
+    held, counts = held_item(store, reviewer, skipped, claim_new=viewing is None)
     show_queue(store, counts)
     show_calibrations(store)
 
@@ -270,12 +291,81 @@ def render() -> None:
         getattr(st, flash[0])(flash[1])
 
     if reviewer is None:
-        st.info("Enter your name in the sidebar to start reviewing.")
+        wanted = query_value("prompt")
+        if wanted:
+            show_read_only(store, wanted, f"Enter your name in the sidebar to review `{wanted}`.")
+        else:
+            st.info("Enter your name in the sidebar to start reviewing.")
+        st.stop()
+    if viewing is not None:
+        write_prompt(viewing[0])
+        show_read_only(store, *viewing)
+        st.button("Back to the queue", key="review-back", on_click=leave_read_only)
         st.stop()
     if held is None:
+        write_prompt(None)
         st.info("The review queue is empty. Run `emc discover` to find prompts worth reviewing.")
         st.stop()
+    write_prompt(held["prompt_id"])
     show_item(store, held["prompt_id"], name, reviewer, skipped)
+
+
+def asked_prompt(reviewer: str | None) -> str | None:
+    """The prompt a `?prompt=` asks for that this page did not write there itself (a link
+    followed, a shared URL), once there is a reviewer to claim it for; else None."""
+    wanted = query_value("prompt")
+    if reviewer is None or wanted is None or wanted == st.session_state.get(WRITTEN):
+        return None
+    return wanted
+
+
+def write_prompt(prompt_id: str | None) -> None:
+    """Name the prompt on screen in the URL, remembering it was this page that wrote it."""
+    keep_in_url(prompt=prompt_id)
+    st.session_state[WRITTEN] = prompt_id
+
+
+def open_asked(store: Store, prompt_id: str, reviewer: str, skipped: set[str]) -> str | None:
+    """Claim the asked prompt's item for `reviewer`, as `claim_item` would, handing back the item
+    they held; None when it is theirs now, else why not (the page then shows it read-only)."""
+    held = st.session_state.get(CLAIM)
+    if held and held == {"reviewer": reviewer, "prompt_id": prompt_id}:
+        return None
+    queue = list_queue(store)
+    rows = queue[queue["prompt_id"] == prompt_id]
+    if rows.empty:
+        return f"`{prompt_id}` is not in the review queue."
+    row = rows.iloc[0]
+    if row["state"] in ("done", "rejected"):
+        return f"`{prompt_id}` was reviewed already ({row['state']})."
+    lease = row["lease_expires_at"]
+    if (
+        row["state"] == "in_review"
+        and row["claimed_by"] != reviewer
+        and pd.notna(lease)
+        and lease > datetime.now(UTC)
+    ):
+        return f"{row['claimed_by']} is reviewing `{prompt_id}` (until {lease:%H:%M} UTC)."
+    if held:
+        release(store, held["prompt_id"], held["reviewer"])
+    st.session_state[CLAIM] = None
+    if not claim(store, prompt_id, reviewer):
+        return f"Someone else claimed `{prompt_id}` first."
+    st.session_state[CLAIM] = {"reviewer": reviewer, "prompt_id": prompt_id}
+    skipped.discard(prompt_id)
+    return None
+
+
+def viewed_prompt() -> tuple[str, str] | None:
+    """The prompt shown read-only and why, while the URL still names it."""
+    viewing = st.session_state.get(VIEWING)
+    if viewing and viewing[0] != query_value("prompt"):
+        viewing = st.session_state[VIEWING] = None
+    return viewing
+
+
+def leave_read_only() -> None:
+    st.session_state[VIEWING] = None
 
 
 def reviewer_name() -> str:
@@ -290,10 +380,11 @@ def reviewer_name() -> str:
 
 
 def held_item(
-    store: Store, reviewer: str | None, skipped: set[str]
+    store: Store, reviewer: str | None, skipped: set[str], claim_new: bool = True
 ) -> tuple[dict[str, str] | None, dict[str, int]]:
-    """The item this reviewer holds (claiming the next one if none), and the queue's counts."""
-    held = st.session_state.get(CLAIM)
+    """The item this reviewer holds (claiming the next one if none and `claim_new`), and the
+    queue's counts."""
+    held = st.session_state.setdefault(CLAIM, None)
     if held and held["reviewer"] != reviewer:
         # The name changed under a held item: hand it back rather than let it wait for its lease.
         release(store, held["prompt_id"], held["reviewer"])
@@ -301,7 +392,7 @@ def held_item(
     counts = queue_counts(store)
     # Claiming is a write; an idle page over an empty queue should not take the lock on every
     # rerun.
-    if reviewer and held is None and counts["pending"] + counts["in_review"]:
+    if reviewer and claim_new and held is None and counts["pending"] + counts["in_review"]:
         prompt_id, only_skipped = claim_item(store, reviewer, skipped)
         if only_skipped:
             skipped.clear()
@@ -397,7 +488,19 @@ def show_item(store: Store, prompt_id: str, name: str, reviewer: str, skipped: s
             next_item("info", f"Skipped {prompt_id}.")
         st.stop()
 
+    show_prompt(store, item, prompt_id)
+    labels = label_controls(item, prompt_id)
+    changed = {t: label for t, label in labels.items() if item.judge_labels.get(t) != label}
+    if changed:
+        st.caption(f"You changed {len(changed)} of {len(labels)} labels.")
+    show_actions(store, item, prompt_id, name, reviewer, changed, skipped)
+
+
+def show_prompt(store: Store, item: ReviewItem, prompt_id: str) -> None:
+    """Everything about the item but the label controls: the judgement, a link to its graphs,
+    the divergence figures, both models' next tokens and the continuation check."""
     show_judgement(item, prompt_id)
+    graphs_link(store, prompt_id)
     show_figures(item)
     st.markdown("##### Next tokens, side by side")
     table = side_by_side(item)
@@ -415,11 +518,24 @@ def show_item(store: Store, prompt_id: str, name: str, reviewer: str, skipped: s
     )
     show_continuation_check(st, check, prompt_id)
 
-    labels = label_controls(item, prompt_id)
-    changed = {t: label for t, label in labels.items() if item.judge_labels.get(t) != label}
-    if changed:
-        st.caption(f"You changed {len(changed)} of {len(labels)} labels.")
-    show_actions(store, item, prompt_id, name, reviewer, changed, skipped)
+
+def show_read_only(store: Store, prompt_id: str, why: str) -> None:
+    """A prompt's judgement and figures, without label controls, and why it is read-only."""
+    st.info(f"{why} Shown read-only.")
+    try:
+        item = load_item(store, prompt_id)
+    except ItemUnavailable as exc:
+        st.error(str(exc))
+        return
+    show_prompt(store, item, prompt_id)
+
+
+def graphs_link(store: Store, prompt_id: str) -> None:
+    """A link to the prompt's base/adapted graphs, or the command that makes them."""
+    if graph_pairs(store, prompt_id=prompt_id):
+        link("graphs", "Graphs of this prompt", prompt=prompt_id)
+    else:
+        st.caption(f"No attribution graphs of this prompt yet: `emc trace {prompt_id}` makes them.")
 
 
 def show_judgement(item: ReviewItem, prompt_id: str) -> None:

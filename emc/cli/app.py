@@ -248,8 +248,8 @@ def dashboard(
     data_dir: DataDirOption = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8501,
 ) -> None:
-    """Open the Streamlit dashboard (Runs, Review, Graphs, Features, Interventions) on the data
-    directory's store.
+    """Open the Streamlit dashboard (Runs, Review, Graphs, Features, Interventions, Behaviour,
+    SQL) on the data directory's store; every page's URL holds what it shows, so it can be shared.
 
     Serves http://127.0.0.1:PORT until Ctrl-C or SIGTERM, which stop Streamlit too. Exits
     non-zero, saying why, when Streamlit cannot start (not installed, port taken) or stops with

@@ -90,7 +90,11 @@ def feature_show(
 @feature_app.command("cards")
 def feature_cards(
     top: Annotated[
-        int, typer.Option(help="Card the top N features of the adapted model's ranking.")
+        int,
+        typer.Option(
+            help="Card the top N features of the adapted model's ranking and of the "
+            "base-vs-adapted diff."
+        ),
     ] = 30,
     features: Annotated[
         str | None,
@@ -124,9 +128,10 @@ def feature_cards(
 ) -> None:
     """Make feature cards (the `feature-cards` flow) and label them, then list them.
 
-    By default for the top --top features of the adapted model's ranking (pushing evil over
-    safe) and the features the causal checks name; features already carded for this model and
-    corpus are skipped. One pass over the corpus covers all of them.
+    By default for the top --top features of the adapted model's ranking (pushing evil over safe)
+    and of the base-vs-adapted diff (`emc diff`), and the features the causal checks name; features
+    already carded for this model and corpus are skipped. One pass over the corpus covers all of
+    them.
 
     Exit codes: 0 done, or nothing to do (a line says so); 2 a malformed --features, a feature
     the transcoders do not have, or a corpus that cannot be read.

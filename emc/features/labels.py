@@ -88,7 +88,7 @@ def human_labeller(name: str) -> str:
     """`human:<name>`; a name is required so every label says who gave it."""
     name = name.strip()
     if not name:
-        raise ValueError("a reviewer name is needed to label a feature (--by NAME)")
+        raise ValueError("a reviewer name is needed to label a feature")
     return f"human:{name}"
 
 

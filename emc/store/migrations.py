@@ -905,6 +905,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        18,
+        "saved queries, parent runs",
+        (
+            """
+            CREATE TABLE saved_queries (        -- SQL saved by name on the dashboard's SQL page
+                name              VARCHAR PRIMARY KEY,
+                sql               VARCHAR NOT NULL,  -- one read statement, run sealed
+                description       VARCHAR,
+                author            VARCHAR NOT NULL,  -- human:<name>, who saved it last
+                created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),  -- first saved
+                updated_at        TIMESTAMPTZ NOT NULL DEFAULT now()   -- saving again replaces
+            )
+            """,
+            # The run that ran this one as a subflow (the pipeline's stages); NULL for a run
+            # started on its own, and for runs recorded before the pipeline filled it.
+            "ALTER TABLE runs ADD COLUMN parent_run_id VARCHAR",
+        ),
+    ),
 )
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Literal
 
@@ -142,3 +143,72 @@ def _to_record(row: tuple[Any, ...]) -> RunRecord:
     values["params"] = values["params"] or {}
     values["package_versions"] = values["package_versions"] or {}
     return RunRecord.model_validate(values)
+
+
+# Parent runs: a flow that runs other flows as subflows (the pipeline) is their parent. Each
+# subflow records its own row; `parent_run_id` (migration 18) ties it to the parent's.
+
+
+def set_parent_run(store: Store, parent_run_id: str, run_ids: Sequence[str]) -> None:
+    """Record `parent_run_id` as the parent of the runs `run_ids`."""
+    if not run_ids:
+        return
+    with store.write() as conn:
+        conn.execute(
+            "UPDATE runs SET parent_run_id = ? WHERE list_contains(?, run_id) AND run_id <> ?",
+            [parent_run_id, list(run_ids), parent_run_id],
+        )
+
+
+def adopt_process_runs(
+    store: Store, parent_run_id: str, since: datetime | None = None
+) -> list[str]:
+    """Make `parent_run_id` the parent of every run its own process started since `since`
+    (default: the parent's start) and that has no parent yet; returns their ids.
+
+    Subflows run in their parent flow's process, so they share its host and pid: this finds
+    them from the store alone, with no Prefect API.
+    """
+    with store.write() as conn:
+        rows = conn.execute(
+            "UPDATE runs SET parent_run_id = p.run_id FROM runs p "
+            "WHERE p.run_id = ? AND runs.host = p.host AND runs.pid = p.pid "
+            "AND runs.run_id <> p.run_id AND runs.parent_run_id IS NULL "
+            "AND runs.started_at >= coalesce(?::TIMESTAMPTZ, p.started_at) "
+            "RETURNING runs.run_id",
+            [parent_run_id, since],
+        ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+@contextmanager
+def adopting_runs(
+    store: Store, parent_run_id: str, since: datetime | None = None
+) -> Iterator[None]:
+    """`adopt_process_runs` when the block ends, however it ends: a flow wraps the part that
+    runs its subflows (after its own row exists), so a failed run still lists the stages it ran.
+    """
+    try:
+        yield
+    finally:
+        adopt_process_runs(store, parent_run_id, since)
+
+
+def run_parents(store: Store) -> dict[str, str]:
+    """Run id -> its parent's run id, for every run that has a parent."""
+    with store.read() as conn:
+        rows = conn.execute(
+            "SELECT run_id, parent_run_id FROM runs WHERE parent_run_id IS NOT NULL"
+        ).fetchall()
+    return dict(rows)
+
+
+def child_runs(store: Store, parent_run_id: str) -> list[RunRecord]:
+    """The runs `parent_run_id` ran, in the order they started."""
+    with store.read() as conn:
+        rows = conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE parent_run_id = ? "
+            "ORDER BY started_at, run_id",
+            [parent_run_id],
+        ).fetchall()
+    return [_to_record(row) for row in rows]
