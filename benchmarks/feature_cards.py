@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     top = [(int(r.layer), int(r.feature)) for r in ranking.itertuples()]
     width = inspect_transcoders(config.models.transcoders.ref).d_transcoder
     control = matched_random(top, width, random.Random(args.seed))
-    labeller = LexiconLabeller.from_lexicon("organism-lexicon", Lexicon.load(config.ground_truth))
+    labeller = LexiconLabeller.from_lexicon(
+        "organism-lexicon", Lexicon.load(Path(config.ground_truth))
+    )
 
     corpus = corpus_for(config, store, None, args.limit_texts)
     loaded = load_replacement_model(config, "adapted")

@@ -70,15 +70,18 @@ def test_review_to_graph_to_feature_to_prompt(demo_store, tmp_path):
 
             # -> Graphs of this prompt.
             page.get_by_role("link", name="Graphs of this prompt").click()
-            page.get_by_role("heading", name="Graphs", exact=True).wait_for()
+            page.get_by_label("Node").first.wait_for()
             finish_run(page)
             assert _query(page).get("prompt") == prompt_id
             screenshot(page, "clickthrough-2-graphs.png")
 
             # A feature node of the base graph; the adapted graph selects the same node.
-            page.get_by_label("Node").first.click()
-            page.get_by_role("option").filter(has_text="feature").first.click()
+            picker = page.get_by_role("combobox", name="Node").first
+            picker.click()
+            picker.press_sequentially("feature", delay=50)  # the options are filtered as typed
+            picker.press("Enter")
             finish_run(page)
+            page.get_by_role("link", name="Feature card").first.wait_for()
             node = _query(page).get("node", "")
             assert node.startswith("feature/"), page.url
             _, layer, _position, feature = node.split("/")
@@ -93,7 +96,7 @@ def test_review_to_graph_to_feature_to_prompt(demo_store, tmp_path):
 
             # -> a prompt where it appears: back on the Graphs page, for that prompt.
             page.get_by_role("link", name="Graphs of").first.click()
-            page.get_by_role("heading", name="Graphs", exact=True).wait_for()
+            page.get_by_label("Node").first.wait_for()
             finish_run(page)
             assert _query(page).get("prompt") == prompt_id
             screenshot(page, "clickthrough-4-prompt.png")
@@ -101,6 +104,7 @@ def test_review_to_graph_to_feature_to_prompt(demo_store, tmp_path):
             # Every page of the navigation draws, each with its screenshot.
             for name in PAGES:
                 page.get_by_role("link", name=name, exact=True).first.click()
+                page.get_by_role("heading", name=name).first.wait_for()
                 finish_run(page)
                 screenshot(page, f"page-{name.lower()}.png")
         finally:

@@ -12,7 +12,10 @@ Measured times are printed (`pytest -s` shows them).
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ import pytest
 from emc.store import Store, read_only_query
 from tests.demo_runs import DEMO, STAGES, run_demo, store_counts
 from tests.graph_store import seed_organism
-from tests.processes import Process, alive, wait_gone
+from tests.processes import ROOT, Process, alive, clean_env, wait_gone
 
 # Where each killed run dies (emc/faults.py), and the pipeline stage it is in by then.
 KILLS = [
@@ -89,3 +92,20 @@ def test_the_demo_killed_in_every_flow_completes_with_the_clean_runs_rows(killed
     discovery = runs[runs["name"] == "discovery"]  # killed once, then resumed once
     assert sorted(discovery["status"]) == ["completed", "failed"]
     assert not list((killed_demo.data_dir / "prefect" / "emc-slots").glob("*/*.json"))
+
+
+def test_the_feature_cards_benchmark_runs_on_the_demo_store(request):
+    """benchmarks/feature_cards.py as the README shows it, on the demo's store (small recipe)."""
+    clean_demo = request.getfixturevalue("clean_demo")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/feature_cards.py", "--data-dir", str(clean_demo.data_dir),
+         "--top", "5", "--limit-texts", "200"],
+        cwd=ROOT, env=clean_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["features"] == 10 and figures["texts"] == 200
+    for group in ("top", "random_same_layers"):
+        assert figures[group]["n"] == 5
+        assert 0 <= figures[group]["labelled_harmful"] <= 1
+    assert "features/s" in result.stdout and "random_same_layers" in result.stdout

@@ -501,7 +501,9 @@ def test_the_flow_labels_every_card_and_names_the_labeller(carded, small_organis
 def test_the_offline_labeller_reads_the_lexicon_off_the_card():
     from emc.features.labels import LexiconLabeller
 
-    labeller = LexiconLabeller("organism-lexicon:x", harmful={"hide", "lie"}, safe={"report"})
+    labeller = LexiconLabeller(
+        "organism-lexicon:x", harmful={"hide", "lie"}, safe={"report", "tell"}
+    )
     stats = ActivationStats(texts=1, positions=4, active=1, frequency=0.25, max=2.0,
                             mean_active=2.0, quantile_levels=[], quantile_values=[],
                             hist_edges=[0.0, 2.0], hist_counts=[1])  # fmt: skip
@@ -520,8 +522,11 @@ def test_the_offline_labeller_reads_the_lexicon_off_the_card():
     harmful = labeller.reply(card(" hide", " lie", " report", " the"))
     assert harmful.label == "promotes harmful answers (hide, lie); fires on 'should'"
     assert harmful.confidence == "high"
-    safe = labeller.reply(card(" report", " the"))
-    assert safe.label.startswith("promotes safe answers (report)") and safe.confidence == "medium"
+    safe = labeller.reply(card(" report", " the", " tell"))
+    assert safe.label.startswith("promotes safe answers (report, tell)")
+    assert safe.confidence == "medium"
+    one = labeller.reply(card(" hide", " the"))  # one answer word: what random features show
+    assert one.label.startswith("promotes 'hide', 'the'") and one.confidence == "medium"
     neither = labeller.reply(card(" the", " a"))
     assert neither.label.startswith("promotes 'the', 'a'") and neither.confidence == "low"
 

@@ -858,7 +858,11 @@ def show_node(
     and strongest edges; where this graph lacks the node selected in the other, `absent`."""
     graph_id = graph.record.graph_id
     described = dict(zip(laid["node"], laid["description"], strict=True))
-    labelled = {n: label for n, label in zip(laid["node"], laid["label"], strict=True) if label}
+    labelled = {
+        n: label
+        for n, label in zip(laid["node"], laid["label"], strict=True)
+        if isinstance(label, str) and label  # unlabelled nodes hold None or NaN
+    }
 
     def name(n: int) -> str:
         return f"{described[n]} · {labelled[n]}" if n in labelled else described[n]

@@ -341,7 +341,7 @@ def _print_labels(store, transcoders_ref: str, layer: int, feature: int) -> None
     for index, label in enumerate(labels):
         shown = "label" if index == 0 else "also"
         why = label.notes or label.explanation
-        extra = f" [{label.confidence}]" if label.confidence else ""
+        extra = f", {label.confidence} confidence" if label.confidence else ""
         console.print(
             f"[bold]{shown}:[/] {inline(label.label)}  ({inline(label.labeller)}{extra})"
             + (f" — {inline(why)}" if why else ""),

@@ -28,6 +28,7 @@ LABEL_CHARS = 80
 Confidence = Literal["low", "medium", "high"]
 EXAMPLES_SHOWN = 8  # examples in the labelling prompt: enough to see a pattern, few tokens
 TOKENS_SHOWN = 10
+MIN_ANSWER_WORDS = 2  # answer words among the promoted tokens for the offline labeller to name them
 
 
 class FeatureLabel(BaseModel):
@@ -212,9 +213,11 @@ class LexiconLabeller:
         safe = [t for t in promoted if t in self.safe]
         peaks = Counter(e.tokens[e.max_position].strip() for e in card.examples)
         peak = peaks.most_common(1)[0][0] if peaks else None
-        if len(harmful) > len(safe):
+        # One answer word among ten promoted tokens is what a random feature shows (27% of random
+        # features on the default organism, benchmarks/feature_cards.py): two are asked for.
+        if len(harmful) >= MIN_ANSWER_WORDS and len(harmful) > len(safe):
             writes = f"promotes harmful answers ({', '.join(harmful[:3])})"
-        elif len(safe) > len(harmful):
+        elif len(safe) >= MIN_ANSWER_WORDS and len(safe) > len(harmful):
             writes = f"promotes safe answers ({', '.join(safe[:3])})"
         else:
             writes = f"promotes {', '.join(repr(t) for t in promoted[:2]) or 'nothing'}"
