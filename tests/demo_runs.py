@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from emc.store import Store, read_only_query
-from tests.graph_store import seed_organism
+from tests.graph_store import copy_store, seed_organism
 from tests.processes import Process
 
 DEMO = ["demo", "--small", "--iterations", "1", "--per-iteration", "2", "--graphs", "1",
@@ -33,6 +33,7 @@ class Demo:
     output: str
     seconds: float
     counts: dict[str, int]  # rows per table right after the run (PER_RUN_TABLES left out)
+    pristine: Path  # a copy of the store file right after the run (later tests change the store)
 
 
 def run_demo(data_dir: Path, kill_at: str | None = None, timeout: float = 900) -> Process:
@@ -62,12 +63,18 @@ def shared_clean_demo(root: Path, small_organism) -> Demo:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if record.is_file():
             saved = json.loads(record.read_text())
-            return Demo(**{**saved, "data_dir": Path(saved["data_dir"])})
+            paths = {key: Path(saved[key]) for key in ("data_dir", "pristine")}
+            return Demo(**{**saved, **paths})
         data_dir = root / "clean-demo" / "emc-data"
         seed_organism(small_organism, data_dir)
         start = time.monotonic()
         demo = run_demo(data_dir)
         assert demo.popen.returncode == 0, demo.output[-4000:]
-        made = Demo(data_dir, demo.output, time.monotonic() - start, store_counts(data_dir))
-        record.write_text(json.dumps({**asdict(made), "data_dir": str(data_dir)}))
+        seconds = time.monotonic() - start
+        pristine = root / "clean-demo-pristine"
+        copy_store(data_dir, pristine)
+        made = Demo(data_dir, demo.output, seconds, store_counts(data_dir), pristine)
+        record.write_text(
+            json.dumps({**asdict(made), "data_dir": str(data_dir), "pristine": str(pristine)})
+        )
         return made

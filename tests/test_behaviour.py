@@ -67,6 +67,7 @@ def test_bootstrap_rate__is_seeded_and_brackets_the_share():
     rate, low, high = bootstrap_rate(hits, seed=3)
     assert rate == 0.3 and low < 0.3 < high
     assert bootstrap_rate(hits, seed=3) == (rate, low, high)
+    assert bootstrap_rate(list(reversed(hits)), seed=3) == (rate, low, high)  # order-free
     assert bootstrap_rate([False] * 50) == (0.0, 0.0, 0.0)
 
 

@@ -34,7 +34,7 @@ def demo_store(clean_demo, tmp_path_factory) -> Path:
     """A private copy of the demo's store (the review below claims and changes queue rows)."""
     require_playwright()
     data_dir = tmp_path_factory.mktemp("clickthrough") / "emc-data"
-    copy_store(clean_demo.data_dir, data_dir)
+    copy_store(clean_demo.pristine, data_dir)  # as the demo left it: one traced prompt
     shutil.copy(clean_demo.data_dir / "experiment.yaml", data_dir / "experiment.yaml")
     return data_dir
 

@@ -114,7 +114,7 @@ def test_a_wait_for_the_slot_is_logged_and_ctrl_c_stops_it(data_dir):
         # Ctrl-C in the GPU step itself: the slot is released on the way out.
         start = time.monotonic()
         holder.popen.send_signal(signal.SIGINT)
-        holder.wait(timeout=60)
+        holder.wait(timeout=180)  # not a speed check: on a loaded CI machine it took over 60 s
         print(f"a holder of the slot stopped {time.monotonic() - start:.1f} s after SIGINT")
         assert not list((data_dir / "prefect" / "emc-slots" / "gpu").glob("*.json"))
     finally:

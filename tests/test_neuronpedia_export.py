@@ -383,7 +383,7 @@ def test_a_viewer_directory_is_not_overwritten(traced, tmp_path):
     (out / INDEX_FILE).write_text('{"graphs": []}')
     args = ["graph", "export", traced.prompt_ids[0], "--format", "neuronpedia", "-o", str(out)]
     result = runner.invoke(app, [*args, "-d", str(traced.data_dir)])
-    assert result.exit_code == 2 and "choose another --out" in result.output
+    assert result.exit_code == 2 and "choose another --out" in " ".join(result.output.split())
     assert sorted(p.name for p in out.iterdir()) == [INDEX_FILE]
 
 

@@ -50,6 +50,7 @@ def exported(browser_tools, tmp_path_factory, small_organism) -> tuple[Path, lis
     args = ["graph", "export", prompt_id, "-d", str(traced.data_dir)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert f"side by side: /compare.html?base={prompt_id}-base-labelled&adapted=" in result.output
     viewer = traced.data_dir / "viewer"
     return traced.data_dir, [viewer / f"{prompt_id}-{r}-labelled.json" for r in ("base", "adapted")]
 
@@ -139,6 +140,18 @@ def test_the_exported_pair_renders_offline_in_chromium(browser_tools, exported, 
             page.locator(".feature-example-list .quantile-title", has_text=path.stem).wait_for()
             assert page.locator(".node-connections .feature-row").count() > 0
             page.screenshot(path=str(ARTIFACTS / "viewer.png"))
+
+            # Base and adapted side by side (`emc graph export` prints this address).
+            slugs = {role: next(p.stem for p in graph_files if f"-{role}-" in p.stem)
+                     for role in ("base", "adapted")}  # fmt: skip
+            page.goto(f"{url.rsplit('/', 1)[0]}/compare.html?base={slugs['base']}"
+                      f"&adapted={slugs['adapted']}")  # fmt: skip
+            for role, slug in slugs.items():
+                drawn = page.frame_locator(f"#{role}").locator(".link-graph svg text.node")
+                drawn.first.wait_for(state="attached")
+                graph = json.loads(next(p for p in graph_files if p.stem == slug).read_text())
+                assert drawn.count() == len(graph["nodes"])
+            page.screenshot(path=str(ARTIFACTS / "viewer-compare.png"))
         finally:
             browser.close()
 

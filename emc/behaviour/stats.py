@@ -39,8 +39,12 @@ def wilson(k: int, n: int, z: float = Z95) -> Rate:
 def bootstrap_rate(
     hits: Sequence[bool], resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Share of True with a 95% percentile bootstrap interval over answers (seeded)."""
-    values = np.asarray(hits, dtype=float)
+    """Share of True with a 95% percentile bootstrap interval over answers (seeded).
+
+    The answers are sorted first: the interval of a set of answers must not depend on the order
+    a query happened to return them in (DuckDB's parallel scans do not promise one).
+    """
+    values = np.sort(np.asarray(hits, dtype=float))
     if values.size == 0:
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)

@@ -179,6 +179,22 @@ def _export_viewer(
     if out is None and data_dir is not None:
         serve += f" -d {data_dir}"
     console.print(f"next: `{serve}`, then open the printed URL", highlight=False, soft_wrap=True)
+    for path in compare_paths(result.graphs):
+        console.print(f"  side by side: {path}", highlight=False, soft_wrap=True)
+
+
+def compare_paths(graphs) -> list[str]:
+    """The compare page's address (under the served URL) for each base/adapted pair exported."""
+    from emc.viewer.frontend import COMPARE_PAGE
+
+    bases = [g for g in graphs if g.role == "base"]
+    adapted = [g for g in graphs if g.role == "adapted"]
+    return [
+        f"/{COMPARE_PAGE}?base={b.slug}&adapted={a.slug}"
+        for b in bases
+        for a in adapted
+        if a.targets == b.targets
+    ]
 
 
 @graph_app.command("serve")

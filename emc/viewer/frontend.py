@@ -67,6 +67,33 @@ def rewrite_scripts(html: str) -> str:
     return _SCRIPT.sub(replace, html)
 
 
+COMPARE_PAGE = "compare.html"
+# EMC's own page: two of the viewer's pages side by side, `?base=<slug>&adapted=<slug>`, so a
+# prompt's base and adapted graphs are read together (the viewer shows one graph per page).
+COMPARE_HTML = """<!DOCTYPE html>
+<meta charset='utf-8'>
+<title>Base vs adapted: attribution graphs</title>
+<style>
+  body { margin: 0; font-family: sans-serif; }
+  .pair { display: flex; height: 100vh; }
+  .side { flex: 1; display: flex; flex-direction: column; border-left: 1px solid #ccc; }
+  .side h2 { margin: 4px 8px; font-size: 14px; }
+  iframe { flex: 1; border: 0; width: 100%; }
+</style>
+<div class='pair'>
+  <div class='side'><h2>base</h2><iframe id='base' title='base graph'></iframe></div>
+  <div class='side'><h2>adapted</h2><iframe id='adapted' title='adapted graph'></iframe></div>
+</div>
+<script>
+  var params = new URLSearchParams(window.location.search)
+  for (var role of ['base', 'adapted']) {
+    var slug = params.get(role)
+    if (slug) document.getElementById(role).src = './index.html?slug=' + encodeURIComponent(slug)
+  }
+</script>
+"""
+
+
 def build_frontend(
     target: str | Path, cache_dir: str | Path | None = None, source: str | Path | None = None
 ) -> Path:
@@ -91,4 +118,5 @@ def build_frontend(
         path = target / page
         if path.is_file():
             path.write_text(rewrite_scripts(path.read_text(encoding="utf-8")), encoding="utf-8")
+    (target / COMPARE_PAGE).write_text(COMPARE_HTML, encoding="utf-8")
     return target
