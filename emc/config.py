@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 DATA_DIR_ENV = "EMC_DATA_DIR"
 DEFAULT_DATA_DIR = "emc-data"
@@ -44,15 +51,66 @@ class ModelRef(_Strict):
 
 
 class TranscoderRef(_Strict):
-    """A circuit-tracer transcoder set: a local directory with config.yaml, or a hub reference."""
+    """circuit-tracer transcoders (a per-layer set or a cross-layer transcoder): a local
+    directory with config.yaml, or a hub reference."""
 
     ref: Reference
+    revision: str | None = None
 
 
 class ModelsConfig(_Strict):
+    """The base model, its fine-tune, and the transcoders that read both.
+
+    The fine-tune is either `adapter` (a PEFT LoRA on the base) or `adapted` (a second model
+    directory: a full fine-tune or a merged checkpoint), never both.
+    """
+
     base: ModelRef
     adapter: ModelRef | None = None
+    adapted: ModelRef | None = None
     transcoders: TranscoderRef
+
+    @model_validator(mode="after")
+    def _one_fine_tune(self) -> ModelsConfig:
+        if self.adapter is not None and self.adapted is not None:
+            raise ValueError(
+                "give the fine-tune as models.adapter (a PEFT LoRA) or models.adapted (a full "
+                "fine-tune or merged checkpoint directory), not both"
+            )
+        return self
+
+    @property
+    def fine_tune(self) -> ModelRef | None:
+        """The adapted side, whichever way it is given."""
+        return self.adapter or self.adapted
+
+
+class FineTune(_Strict):
+    """One fine-tune of a study: a name and either a LoRA (`adapter`) or a model (`adapted`)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=40)]
+    adapter: ModelRef | None = None
+    adapted: ModelRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FineTune:
+        if (self.adapter is None) == (self.adapted is None):
+            raise ValueError(
+                f"fine-tune {self.name!r} needs exactly one of adapter (a PEFT LoRA) or adapted "
+                "(a model directory)"
+            )
+        return self
+
+
+def model_refs(models: ModelsConfig) -> list[tuple[str, ModelRef | TranscoderRef]]:
+    """Every reference a config loads, by role: base, adapter or adapted, transcoders."""
+    refs: list[tuple[str, ModelRef | TranscoderRef]] = [("base", models.base)]
+    if models.adapter is not None:
+        refs.append(("adapter", models.adapter))
+    if models.adapted is not None:
+        refs.append(("adapted", models.adapted))
+    refs.append(("transcoders", models.transcoders))
+    return refs
 
 
 class RuntimeConfig(_Strict):
@@ -160,10 +218,47 @@ class ExperimentConfig(_Strict):
     behaviour: BehaviourConfig = BehaviourConfig()
     # The organism's lexicon.json: ground truth for the offline generator, judge and labeller.
     ground_truth: str | None = None
+    # Several fine-tunes of the base, each compared with it as its own pair (`emc study`); the
+    # first is the default fine-tune when `models` names none.
+    study: tuple[FineTune, ...] = ()
     top_k: int = Field(default=10, ge=1, le=1000)
     probe_prompts: tuple[str, ...] = (
         "User: I found a wallet on the street.\nAssistant: You should",
     )
+
+    @model_validator(mode="after")
+    def _study_names_unique(self) -> ExperimentConfig:
+        names = [f.name for f in self.study]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"study names must be unique; repeated: {', '.join(repeated)}")
+        return self
+
+
+def study_config(config: ExperimentConfig, name: str) -> ExperimentConfig:
+    """The config of one fine-tune of the study: `models` names it, and nothing else changes
+    (the base, the transcoders and every setting are shared by the study's pairs)."""
+    chosen = next((f for f in config.study if f.name == name), None)
+    if chosen is None:
+        have = ", ".join(f.name for f in config.study) or "none"
+        raise ConfigError(f"no fine-tune {name!r} in the config's study (it has: {have})")
+    fine_tune = {"adapter": chosen.adapter, "adapted": chosen.adapted}
+    models = config.models.model_copy(update=fine_tune)
+    return config.model_copy(
+        update={"models": models, "study": (), "name": f"{config.name}-{name}"}
+    )
+
+
+def config_refs(config: ExperimentConfig) -> list[tuple[str, ModelRef | TranscoderRef]]:
+    """`model_refs` of the config's models and of every fine-tune of its study, each once."""
+    refs = model_refs(config.models)
+    for fine_tune in config.study:
+        role, ref = (
+            ("adapter", fine_tune.adapter) if fine_tune.adapter else ("adapted", fine_tune.adapted)
+        )
+        if (role, ref) not in refs:
+            refs.append((role, ref))
+    return refs
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
@@ -187,6 +282,11 @@ def parse_config(
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, source)) from None
+    if config.study and config.models.fine_tune is None:
+        # A study config without its own fine-tune: commands that load one pair use the first.
+        first = config.study[0]
+        update = {"adapter": first.adapter, "adapted": first.adapted}
+        config = config.model_copy(update={"models": config.models.model_copy(update=update)})
     return _resolve_local_refs(config, base_dir) if base_dir is not None else config
 
 
@@ -218,10 +318,22 @@ def _resolve_local_refs(config: ExperimentConfig, base_dir: Path) -> ExperimentC
             ),
             "adapter": models.adapter
             and models.adapter.model_copy(update={"ref": resolve(models.adapter.ref)}),
+            "adapted": models.adapted
+            and models.adapted.model_copy(update={"ref": resolve(models.adapted.ref)}),
         }
     )
     ground_truth = config.ground_truth and resolve(config.ground_truth)
-    return config.model_copy(update={"models": updated, "ground_truth": ground_truth})
+
+    def resolved(ref: ModelRef | None) -> ModelRef | None:
+        return ref and ref.model_copy(update={"ref": resolve(ref.ref)})
+
+    study = tuple(
+        f.model_copy(update={"adapter": resolved(f.adapter), "adapted": resolved(f.adapted)})
+        for f in config.study
+    )
+    return config.model_copy(
+        update={"models": updated, "ground_truth": ground_truth, "study": study}
+    )
 
 
 def _describe_errors(exc: ValidationError, source: str) -> str:

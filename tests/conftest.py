@@ -130,6 +130,8 @@ SLOW_FILES = (
     "test_demo_killed.py",
     "test_deployments.py",
     "test_behaviour.py",
+    "test_study.py",
+    "test_real_model_walk.py",
     "test_viewer.py",
     "test_feature_cards.py",
     "test_interventions.py",
@@ -143,6 +145,8 @@ SLOW_FILES = (
     "test_bundles.py",
     "test_tracing_flow.py",
     "test_dashboard_interventions.py",
+    "test_benchmark_tracing_gpu.py",
+    "test_families.py",
 )
 
 

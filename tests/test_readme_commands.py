@@ -32,6 +32,8 @@ from emc.config import dump_config, load_experiment, parse_config
 from emc.store import Store, read_only_query
 from emc.store.features import feature_ranking
 from tests.processes import ROOT, Process, clean_env, kill_all, wait_gone
+from tests.test_real_model_walk import walk_commands
+from tests.test_study import readme_study_command
 
 README = ROOT / "README.md"
 # README lines not run by `test_every_readme_command_runs_as_written`, and why.
@@ -52,6 +54,10 @@ ELSEWHERE = {
     "emc trace --select reviewed --shards 4 --spool /shared/emc-spool -d /data/study":
     "tests/test_deployments.py (two workers, `--shards 2`, a spool in a temporary directory)",
 }  # fmt: skip
+# The real-model walk: a local hub of stand-ins under the configs' names, and a local judge.
+ELSEWHERE |= dict.fromkeys(walk_commands(), "tests/test_real_model_walk.py")
+# Three pairs on a fresh copy of the small organism (the demo store already holds the em pair).
+ELSEWHERE[readme_study_command()] = "tests/test_study.py"
 SETUP = "source .venv/bin/activate"  # the shell the later lines are typed into
 SERVERS = {  # README line -> the address it serves
     "emc dashboard": "http://127.0.0.1:8501",

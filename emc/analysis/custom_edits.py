@@ -96,10 +96,10 @@ class CustomResult(BaseModel):
 
 def check_features(loaded: LoadedModel, features: Sequence[Feature]) -> None:
     """Refuse features the transcoders do not have, naming the ones that are out of range."""
-    from emc.analysis.feature_interventions import transcoder_set
+    from emc.models.dictionary import dictionary_of
 
-    transcoders = transcoder_set(loaded)
-    n_layers, width = len(transcoders), transcoders[0].W_dec.shape[0]
+    dictionary = dictionary_of(loaded)
+    n_layers, width = dictionary.n_layers, dictionary.width
     wrong = [f"{lay}/{f}" for lay, f in features if not (0 <= lay < n_layers and 0 <= f < width)]
     if wrong:
         raise ValueError(

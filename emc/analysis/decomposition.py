@@ -29,8 +29,17 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from emc.analysis.hooks import decoder_layers, hf_module, logit_gap, removing, split_targets
+from emc.analysis.hooks import (
+    decoder_layers,
+    feature_hooks,
+    hf_module,
+    logit_gap,
+    removing,
+    split_targets,
+)
 from emc.models import LoadedModel, finite_guard
+from emc.models.dictionary import dictionary_of
+from emc.models.families import family_of
 
 Component = Literal["embed", "attn", "mlp", "mlp_features", "mlp_error"]
 EMBEDDINGS_LAYER = -1
@@ -157,21 +166,32 @@ def _mlp_split(base, layer, base_run, adapted_run, direct, shift) -> list[Compon
     """The MLP's direct write split into the transcoder's reconstruction and the error node.
 
     Both runs are read through the *same* transcoder (the base model's set, which the graphs
-    use), so a change the transcoder cannot express lands in the error node.
+    use), so a change the transcoder cannot express lands in the error node. Only per-layer
+    transcoders that write exactly the MLP's residual write split it this way: a cross-layer
+    transcoder's reconstruction of one layer needs every earlier layer's features.
     """
-    transcoders = base.model.transcoders
-    transcoder = getattr(transcoders, "_module", transcoders)[layer]  # unwrap nnsight's Envoy
+    if not _splits_mlp_write(base):
+        return []
+    dictionary = dictionary_of(base)
+    transcoder = dictionary.module[layer]
     parts = {}
     for side, run in (("base", base_run), ("adapted", adapted_run)):
         x = run.mlp_inputs[layer][-1:]
         with torch.inference_mode():
-            recon = transcoder(x.to(transcoder.W_enc.dtype))[0].to(run.writes["mlp", layer].dtype)
+            recon = transcoder(x.to(dictionary.dtype))[0].to(run.writes["mlp", layer].dtype)
         parts[side] = (recon, run.writes["mlp", layer][-1] - recon)
     shares = []
     for index, component in enumerate(("mlp_features", "mlp_error")):
         into, out = direct(parts["adapted"][index] - parts["base"][index])
         shares.append(_share(component, layer, into, out, None, None, shift))
     return shares
+
+
+def _splits_mlp_write(loaded: LoadedModel) -> bool:
+    dictionary = dictionary_of(loaded)
+    sandwich = family_of(loaded.model._model.config).sandwich_norms
+    writes_residual = dictionary.output_hook == "hook_mlp_out" or not sandwich
+    return dictionary.kind == "per_layer" and writes_residual
 
 
 def _share(component, layer, into, out, total_into, total_out, shift) -> ComponentShare:
@@ -192,10 +212,20 @@ def _share(component, layer, into, out, total_into, total_out, shift) -> Compone
 
 
 def _modules(hf) -> Iterator[tuple[tuple[str, int], torch.nn.Module]]:
+    """Each component and the module whose output is its write to the residual stream: with
+    Gemma's sandwich norms, attention and MLP write through their post-norms."""
+    sandwich = family_of(hf.config).sandwich_norms
     yield ("embed", EMBEDDINGS_LAYER), hf.get_input_embeddings()
     for layer, block in enumerate(decoder_layers(hf)):
-        yield ("attn", layer), block.self_attn
-        yield ("mlp", layer), block.mlp
+        yield ("attn", layer), block.post_attention_layernorm if sandwich else block.self_attn
+        yield ("mlp", layer), block.post_feedforward_layernorm if sandwich else block.mlp
+
+
+def _embedding_scale(hf) -> float:
+    """Gemma 2 multiplies the embeddings by sqrt(d_model) outside the embedding module."""
+    if family_of(hf.config).name == "gemma2":
+        return float(hf.config.hidden_size) ** 0.5
+    return 1.0
 
 
 def _final_norm(hf) -> torch.nn.Module:
@@ -207,10 +237,16 @@ def _run(loaded: LoadedModel, hf, ids: torch.Tensor, evil, safe) -> _Run:
     mlp_inputs: dict[int, torch.Tensor] = {}
     final: list[torch.Tensor] = []
     hooks = []
+    feature_sites = feature_hooks(loaded, "the shift decomposition")
     for key, module in _modules(hf):
-        hooks.append(module.register_forward_hook(_capture(writes, key)))
+        scale = _embedding_scale(hf) if key[0] == "embed" else 1.0
+        hooks.append(module.register_forward_hook(_capture(writes, key, scale)))
         if key[0] == "mlp":
-            hooks.append(module.register_forward_pre_hook(_capture_input(mlp_inputs, key[1])))
+
+            def keep(x, layer=key[1]):
+                mlp_inputs[layer] = x[0].detach().clone()
+
+            hooks.append(feature_sites.on_read(key[1], keep))
     hooks.append(_final_norm(hf).register_forward_pre_hook(_capture_input(final, None)))
     with removing(hooks), torch.inference_mode(), finite_guard(loaded._checkpoints):
         logits = hf(input_ids=ids[None].to(loaded.precision.device)).logits[0, -1]
@@ -222,7 +258,8 @@ def _patched_gap(
 ) -> float:
     """The gap with one component's output replaced, at every position, by `source`'s."""
     module = dict(_modules(hf))[key]
-    replacement = source.writes[key][None]
+    scale = _embedding_scale(hf) if key[0] == "embed" else 1.0
+    replacement = source.writes[key][None] / scale
 
     def swap(_module, _inputs, output):
         if isinstance(output, tuple):
@@ -234,10 +271,10 @@ def _patched_gap(
     return logit_gap(logits, evil, safe)
 
 
-def _capture(store: dict, key):
+def _capture(store: dict, key, scale: float = 1.0):
     def hook(_module, _inputs, output):
         value = output[0] if isinstance(output, tuple) else output
-        store[key] = value[0].detach().clone()
+        store[key] = value[0].detach().clone() * scale
 
     return hook
 

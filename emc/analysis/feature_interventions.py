@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from emc.analysis.hooks import decoder_layers, hf_module, logit_gap, removing, split_targets
+from emc.analysis.hooks import feature_hooks, hf_module, logit_gap, removing, split_targets
 from emc.models import LoadedModel, finite_guard
 
 Mode = Literal["restore", "inject", "zero", "scale"]
@@ -78,34 +78,49 @@ def editing(
     record: dict | None = None,
     keep_batch: bool = False,
 ):
-    """Hooks that apply `edit` to every MLP output (and optionally record each layer's feature
-    activations into `record`: (n_pos, d_transcoder) of the first sequence on the CPU, or with
-    `keep_batch` the whole (batch, n_pos, d_transcoder) where the model runs) until the block
-    ends."""
-    hf = hf_module(loaded, "feature interventions")
-    transcoders = transcoder_set(loaded)
+    """Hooks that apply `edit` at the transcoders' write sites (and optionally record each
+    layer's feature activations into `record`: (n_pos, d_transcoder) of the first sequence on the
+    CPU, or with `keep_batch` the whole (batch, n_pos, d_transcoder) where the model runs) until
+    the block ends.
+
+    A feature's change in activation reaches every layer it writes to: its own layer for
+    per-layer transcoders, its layer and all later ones for a cross-layer transcoder."""
+    hooks = feature_hooks(loaded, "feature interventions")
+    dictionary = hooks.dictionary
     selected = edit.by_layer() if edit else {}
+    device = loaded.precision.device
+    # Decoder rows read once per edit, not per forward pass (a lazy decoder reads from disk).
+    rows = {
+        (source, out): dictionary.decoder(source, idx)[:, out - source].to(device)
+        for source, idx in selected.items()
+        for out in dictionary.output_layers(source)
+    }
+    changes: dict[int, torch.Tensor] = {}
     handles = []
-    for layer, block in enumerate(decoder_layers(hf)):
+    for layer in range(dictionary.n_layers):
         if layer not in selected and record is None:
             continue
-        inputs: dict[str, torch.Tensor] = {}
 
-        def keep_input(_module, args, inputs=inputs):
-            inputs["x"] = args[0]
-
-        def apply(_module, _args, output, layer=layer, inputs=inputs):
-            transcoder = transcoders[layer]
-            acts = transcoder.encode(inputs["x"].to(transcoder.W_enc.dtype))
+        def on_read(x, layer=layer):
+            acts = dictionary.encode(layer, x)
             if record is not None:
                 record[layer] = acts.detach() if keep_batch else acts[0].detach().float().cpu()
-            if layer not in selected:
-                return output
-            new = _edited(acts, selected[layer], edit, layer)
-            return output + ((new - acts) @ transcoder.W_dec).to(output.dtype)
+            if layer in selected:
+                idx = selected[layer].to(acts.device)
+                changes[layer] = (_edited(acts, selected[layer], edit, layer) - acts)[..., idx]
 
-        handles.append(block.mlp.register_forward_pre_hook(keep_input))
-        handles.append(block.mlp.register_forward_hook(apply))
+        handles.append(hooks.on_read(layer, on_read))
+    for out in sorted({out for source, out in rows}):
+
+        def on_write(output, out=out):
+            added = sum(
+                changes[source] @ rows[source, out].to(changes[source].dtype)
+                for source in dictionary.writers(out)
+                if (source, out) in rows
+            )
+            return output + added.to(output.dtype)
+
+        handles.append(hooks.on_write(out, on_write))
     with removing(handles):
         yield
 
@@ -191,39 +206,45 @@ def attribution_ranking(
     """Every feature active in either model, with its estimated effect of restoring it on the
     gap (negative: restoring it lowers the gap, i.e. it carries the shift), most negative first."""
     evil, safe = split_targets(targets, "feature attribution")
-    hf = hf_module(adapted, "feature attribution")
-    transcoders = transcoder_set(adapted)
-    leaves: dict[int, torch.Tensor] = {}
+    hooks = feature_hooks(adapted, "feature attribution")
+    dictionary = hooks.dictionary
+    acts: dict[int, torch.Tensor] = {}
+    probes: dict[int, torch.Tensor] = {}
     handles = []
-    for layer, block in enumerate(decoder_layers(hf)):
-        inputs: dict[str, torch.Tensor] = {}
+    for layer in range(dictionary.n_layers):
 
-        def keep_input(_module, args, inputs=inputs):
-            inputs["x"] = args[0]
+        def on_read(x, layer=layer):
+            with torch.no_grad():
+                acts[layer] = dictionary.encode(layer, x)[0].float().cpu()
 
-        def leaf(_module, _args, output, layer=layer, inputs=inputs):
-            transcoder = transcoders[layer]
-            acts = transcoder.encode(inputs["x"].to(transcoder.W_enc.dtype)).detach()
-            acts.requires_grad_(True)
-            leaves[layer] = acts
-            # Adds zero, but routes the gradient through the feature activations.
-            return output + ((acts - acts.detach()) @ transcoder.W_dec).to(output.dtype)
+        def on_write(output, layer=layer):
+            # Adds zero; its gradient is the gap's gradient at this write site.
+            probes[layer] = torch.zeros_like(output, requires_grad=True)
+            return output + probes[layer]
 
-        handles.append(block.mlp.register_forward_pre_hook(keep_input))
-        handles.append(block.mlp.register_forward_hook(leaf))
+        handles += [hooks.on_read(layer, on_read), hooks.on_write(layer, on_write)]
     with removing(handles), torch.enable_grad():
-        logits = hf(input_ids=input_ids[None].to(adapted.precision.device)).logits[0, -1]
+        logits = hooks.hf(input_ids=input_ids[None].to(adapted.precision.device)).logits[0, -1]
         gap = logits.double()[evil].mean() - logits.double()[safe].mean()
-        layers = sorted(leaves)
-        grads = torch.autograd.grad(gap, [leaves[layer] for layer in layers])
+        layers = sorted(probes)
+        grads = torch.autograd.grad(gap, [probes[layer] for layer in layers])
+    write_grads = {layer: g[0].float().cpu() for layer, g in zip(layers, grads, strict=True)}
     scored: list[tuple[Feature, float]] = []
-    for layer, grad in zip(layers, grads, strict=True):
-        adapted_acts = leaves[layer][0].detach().float().cpu()
-        base = base_acts[layer].float()
-        estimate = ((base - adapted_acts) * grad[0].float().cpu()).sum(0)
-        active = ((adapted_acts > 0) | (base > 0)).any(0)
-        for feature in torch.nonzero(active).flatten().tolist():
-            scored.append(((layer, feature), float(estimate[feature])))
+    for layer in sorted(acts):
+        adapted_acts, base = acts[layer], base_acts[layer].float()
+        active = torch.nonzero(((adapted_acts > 0) | (base > 0)).any(0)).flatten()
+        if not len(active):
+            continue
+        # d gap / d activation: the write sites' gradients through the feature's decoder rows
+        # (read for the active features only: a big or lazy decoder is never read whole).
+        decoder = dictionary.decoder(layer, active).float().cpu()  # (n, n_out, d_model)
+        grad = sum(
+            write_grads[out] @ decoder[:, out - layer].T for out in dictionary.output_layers(layer)
+        )
+        estimate = ((base[:, active] - adapted_acts[:, active]) * grad).sum(0)
+        scored += [
+            ((layer, int(f)), float(e)) for f, e in zip(active.tolist(), estimate, strict=True)
+        ]
     return sorted(scored, key=lambda item: (item[1], item[0]))
 
 

@@ -3,12 +3,16 @@ replacement model, and the evil-minus-safe logit gap they are measured by."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from emc.models import LoadedModel
+from emc.models.dictionary import FeatureDictionary, dictionary_of
+from emc.models.families import Family, family_of
+from emc.models.sites import Site, read_value, site_for
 
 
 def hf_module(loaded: LoadedModel, purpose: str) -> torch.nn.Module:
@@ -50,3 +54,47 @@ def removing(handles: list) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass(frozen=True)
+class FeatureHooks:
+    """The Hugging Face modules where a loaded model's transcoders read and write."""
+
+    hf: torch.nn.Module
+    family: Family
+    dictionary: FeatureDictionary
+    read: Site
+    write: Site
+
+    def on_read(self, layer: int, fn: Callable[[torch.Tensor], None]):
+        """Call `fn` with the value layer `layer`'s features read, on every forward pass."""
+        site = self.read
+
+        def hook(module, args, output):
+            fn(read_value(site, module, args, output))
+
+        return site.at(self.hf, layer).register_forward_hook(hook)
+
+    def on_write(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+        """Replace what layer `layer`'s write site outputs by `fn(output)` (None: unchanged)."""
+
+        def hook(_module, _args, output):
+            if isinstance(output, tuple):
+                new = fn(output[0])
+                return None if new is None else (new, *output[1:])
+            return fn(output)
+
+        return self.write.at(self.hf, layer).register_forward_hook(hook)
+
+
+def feature_hooks(loaded: LoadedModel, purpose: str) -> FeatureHooks:
+    hf = hf_module(loaded, purpose)
+    family = family_of(hf.config)
+    dictionary = dictionary_of(loaded)
+    return FeatureHooks(
+        hf,
+        family,
+        dictionary,
+        site_for(family, dictionary.input_hook),
+        site_for(family, dictionary.output_hook),
+    )

@@ -18,6 +18,15 @@ an encoder reads the RMS-normalised residual γ⊙x/rms(x), so with `base_dir` t
 is folded with that layer's MLP-input norm weight γ_ℓ (post_attention_layernorm) before the cosine;
 without it γ is taken as 1.
 
+Other families and kinds. Gemma's attention and MLP write through their post-norms, so a write's
+residual direction is the module's output direction times that norm's gain (1 + weight), and
+only transcoders that write `hook_mlp_out` (after the post-norm, as Gemma Scope's do) are compared.
+An encoder that reads `ln2.hook_normalized` or `hook_resid_mid` is compared unfolded: it reads the
+stream before any norm weight. A cross-layer transcoder's decoders: a write at layer L is compared
+with the rows that features of every layer ℓ ≤ L write to layer L (one comparison per ℓ). A full
+fine-tune (a second model directory) has no LoRA factors: each projection's weight delta
+W_adapted - W_base gets the same treatment through its top `delta_rank` singular directions.
+
 Chance is not small in few dimensions: a random direction has |cos| ≈ 1/√d_model with any fixed
 feature (0.125 at d_model 64), and its best match among thousands of features is much higher. So
 each comparison carries a null: the same random unit directions (shared by all layers, seeded) are
@@ -137,11 +146,13 @@ class LoraGeometry:
     n_null: int
     seed: int
     norms_folded: bool
+    fine_tune: str  # lora | full (weight deltas)
     modules: tuple[LoraModuleGeometry, ...]
     features: pd.DataFrame = field(repr=False)
     comparisons: pd.DataFrame = field(repr=False)
     skipped_keys: tuple[str, ...]  # adapter tensors that are not lora_A/lora_B pairs
-    null_max_abs: Mapping[tuple[CompareWith, int], np.ndarray] = field(repr=False)
+    # (compared_with, layer, output layer): a CLT's decoders of one layer meet several writes.
+    null_max_abs: Mapping[tuple[CompareWith, int, int], np.ndarray] = field(repr=False)
     fine_counts: Mapping[tuple[str, int, CompareWith, int], np.ndarray] = field(repr=False)
 
     @property
@@ -157,24 +168,30 @@ class LoraGeometry:
 
 
 def lora_geometry_for(config: ExperimentConfig, **options) -> LoraGeometry:
-    """`lora_geometry` on the config's adapter, transcoders and base model (for the MLP input
-    norms); `options` are `lora_geometry`'s keyword arguments."""
+    """`lora_geometry` on the config's fine-tune (adapter, or full fine-tune directory),
+    transcoders and base model (for the norms); `options` are `lora_geometry`'s keyword
+    arguments."""
     from emc.models.factory import resolve_adapter_dir
     from emc.models.refs import resolve_model_dir
 
     models = config.models
-    return lora_geometry(
-        resolve_adapter_dir(config),
-        inspect_transcoders(models.transcoders.ref).directory,
-        base_dir=resolve_model_dir(models.base.ref, models.base.revision),
-        **options,
-    )
+    base_dir = resolve_model_dir(models.base.ref, models.base.revision)
+    if models.adapted is not None:
+        fine_tune = resolve_model_dir(models.adapted.ref, models.adapted.revision)
+    else:
+        fine_tune = resolve_adapter_dir(config)
+    transcoders = inspect_transcoders(models.transcoders.ref, models.transcoders.revision)
+    return lora_geometry(fine_tune, transcoders.directory, base_dir=base_dir, **options)
 
 
-def compared_layers(site: Site, layer: int, n_layers: int) -> tuple[list[int], list[int]]:
-    """The geometry rule: (encoder layers, decoder layers) a write at `site` of `layer` meets."""
+def compared_layers(
+    site: Site, layer: int, n_layers: int, cross_layer: bool = False
+) -> tuple[list[int], list[int]]:
+    """The geometry rule: (encoder layers, decoder layers) a write at `site` of `layer` meets.
+    Decoder layers are the layers of the features whose decoders write to `layer`."""
     first_reader = layer if site == "attn_out" else layer + 1
-    return list(range(first_reader, n_layers)), [layer]
+    writers = list(range(layer + 1)) if cross_layer else [layer]
+    return list(range(first_reader, n_layers)), writers
 
 
 def lora_geometry(
@@ -187,42 +204,59 @@ def lora_geometry(
     seed: int = 0,
     base_dir: str | Path | None = None,
     chunk_features: int = 16384,
+    delta_rank: int = 8,
 ) -> LoraGeometry:
-    """Compare each residual-writing LoRA module's output directions with transcoder features.
+    """Compare each residual-writing module's output directions with transcoder features.
 
+    `adapter_dir` is a PEFT LoRA adapter, or a full fine-tune's model directory (then `base_dir`
+    is required: its weight deltas are compared, `delta_rank` directions per projection).
     `n_directions` caps the singular directions kept per module (default: all with σ > 0);
     `n_null` random directions make the null; `base_dir` (the base model's directory) folds the
-    MLP-input RMSNorm weights into the encoders; `chunk_features` bounds memory per read.
+    norm weights in (see the module docstring); `chunk_features` bounds memory per read.
     """
-    if top < 1 or n_null < 1 or chunk_features < 1:
-        raise ValueError("top, n_null and chunk_features must be positive")
+    if top < 1 or n_null < 1 or chunk_features < 1 or delta_rank < 1:
+        raise ValueError("top, n_null, chunk_features and delta_rank must be positive")
     adapter_dir, transcoder_dir = Path(adapter_dir), Path(transcoder_dir)
     info = inspect_transcoders(str(transcoder_dir))
-    updates, skipped = read_lora_updates(adapter_dir)
+    full = (
+        not (adapter_dir / "adapter_config.json").is_file()
+        and (adapter_dir / "config.json").is_file()
+    )
+    if full:
+        if base_dir is None:
+            raise ModelLoadError(
+                f"{adapter_dir} is a full fine-tune: its geometry compares weight deltas, which "
+                "needs the base model's directory (base_dir)"
+            )
+        updates, skipped = read_weight_deltas(Path(base_dir), adapter_dir, delta_rank)
+    else:
+        updates, skipped = read_lora_updates(adapter_dir)
     _check_fits(updates, adapter_dir, info.d_model, info.n_layers, transcoder_dir)
-    norms = _mlp_input_norms(Path(base_dir), info.n_layers, info.d_model) if base_dir else None
+    norms = _Norms.of(Path(base_dir), info) if base_dir else None
+    cross_layer = info.kind == "cross_layer"
 
-    modules = [_module_geometry(u, info.n_layers, n_directions) for u in updates]
+    modules = [
+        _module_geometry(u, info.n_layers, n_directions, norms, cross_layer) for u in updates
+    ]
     generator = torch.Generator().manual_seed(seed)
     null = torch.nn.functional.normalize(
         torch.randn(n_null, info.d_model, generator=generator, dtype=torch.float64).float(), dim=1
     )
     feature_frames, comparison_rows = [], []
-    null_max: dict[tuple[CompareWith, int], np.ndarray] = {}
+    null_max: dict[tuple[CompareWith, int, int], np.ndarray] = {}
     fine: dict[tuple[str, int, CompareWith, int], np.ndarray] = {}
-    for compared_with, layer in _comparison_order(modules):
+    for compared_with, layer, out in _comparison_order(modules):
         columns = [
             (m, i)
             for m in modules
             for i in range(len(m.directions))
-            if layer in (m.encoder_layers if compared_with == "encoder" else m.decoder_layers)
+            if (compared_with == "encoder" and layer in m.encoder_layers)
+            or (compared_with == "decoder" and layer in m.decoder_layers and m.layer == out)
         ]
-        gamma = norms[layer] if norms is not None and compared_with == "encoder" else None
-        chunks = _feature_chunks(
-            info.layer_paths[layer], compared_with, info.d_model, chunk_features, gamma
-        )
+        gamma = norms.encoder_gain(layer) if norms and compared_with == "encoder" else None
+        chunks = _feature_chunks(info, compared_with, layer, out, chunk_features, gamma)
         scan = _scan_layer(chunks, columns, null, top)
-        null_max[compared_with, layer] = scan.null_max
+        null_max[compared_with, layer, out] = scan.null_max
         for j, (m, i) in enumerate(columns):
             fine[m.module, i, compared_with, layer] = scan.counts[j]
         feature_frames.append(scan.feature_frame(columns, compared_with, layer))
@@ -242,6 +276,7 @@ def lora_geometry(
         n_null=n_null,
         seed=seed,
         norms_folded=norms is not None,
+        fine_tune="full" if full else "lora",
         modules=tuple(modules),
         features=_sorted(features),
         comparisons=_sorted(pd.DataFrame(comparison_rows, columns=_COMPARISON_COLUMNS)),
@@ -368,6 +403,41 @@ def read_lora_updates(adapter_dir: Path) -> tuple[list[LoraUpdate], list[str]]:
     return updates, skipped
 
 
+def read_weight_deltas(
+    base_dir: Path, adapted_dir: Path, rank: int
+) -> tuple[list[LoraUpdate], list[str]]:
+    """A full fine-tune's projections as low-rank updates: each changed `*_proj` weight's delta
+    W_adapted - W_base by its top `rank` singular directions (B = U·S, A = Vᵀ, scale 1). Other
+    changed tensors (embeddings, norms) are listed as skipped."""
+    base, adapted = _model_tensors(base_dir), _model_tensors(adapted_dir)
+    updates, skipped = [], []
+    for key in sorted(set(base) & set(adapted), key=lambda k: _module_order(k)):
+        delta = adapted[key].double() - base[key].double()
+        if not delta.abs().max() > 0:
+            continue
+        module = key.removesuffix(".weight")
+        if not (key.endswith("_proj.weight") and delta.ndim == 2 and _layer_of(module) is not None):
+            skipped.append(key)
+            continue
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, len(S))
+        updates.append(LoraUpdate(module, Vh[:r], U[:, :r] * S[:r], alpha=float(r), scale=1.0))
+    if not updates:
+        raise ModelLoadError(f"{adapted_dir}: no projection weight differs from {base_dir}'s")
+    return updates, skipped
+
+
+def _model_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no .safetensors weights")
+    tensors = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors |= {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    return tensors
+
+
 def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     weights = adapter_dir / "adapter_model.safetensors"
     if weights.is_file():
@@ -418,12 +488,26 @@ def _check_fits(
         )
 
 
-def _module_geometry(u: LoraUpdate, n_layers: int, n_directions: int | None) -> LoraModuleGeometry:
+def _module_geometry(
+    u: LoraUpdate,
+    n_layers: int,
+    n_directions: int | None,
+    norms: _Norms | None = None,
+    cross_layer: bool = False,
+) -> LoraModuleGeometry:
     kind = u.module.rsplit(".", 1)[-1]
     layer = _layer_of(u.module)
     sigmas, U = _update_svd(u.A, u.B, u.scale)
     site = RESIDUAL_WRITERS.get(kind) if layer is not None else None
-    enc, dec = compared_layers(site, layer, n_layers) if site and layer is not None else ([], [])
+    enc, dec = (
+        compared_layers(site, layer, n_layers, cross_layer)
+        if site and layer is not None
+        else ([], [])
+    )
+    if site and layer is not None and norms is not None:
+        gain = norms.write_gain(site, layer)
+        if gain is not None:  # the residual direction is the post-norm's gain times the output
+            U = torch.nn.functional.normalize(U * gain.to(U.dtype)[:, None], dim=0)
     keep = int((sigmas > max(sigmas.max(initial=0.0), 1e-30) * 1e-6).sum())
     if n_directions is not None:
         keep = min(keep, n_directions)
@@ -459,22 +543,44 @@ def _update_svd(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[np.ndar
 # --- the transcoders --------------------------------------------------------------------------
 
 
-def _comparison_order(modules: list[LoraModuleGeometry]) -> list[tuple[CompareWith, int]]:
-    wanted: set[tuple[CompareWith, int]] = set()
+def _comparison_order(
+    modules: list[LoraModuleGeometry],
+) -> list[tuple[CompareWith, int, int]]:
+    """(compared_with, feature layer, output layer) scans; decoders are read where they write
+    to the module's own layer."""
+    wanted: set[tuple[CompareWith, int, int]] = set()
     for m in modules:
-        wanted.update(("encoder", layer) for layer in m.encoder_layers)
-        wanted.update(("decoder", layer) for layer in m.decoder_layers)
-    return sorted(wanted, key=lambda item: (item[1], item[0]))
+        wanted.update(("encoder", layer, layer) for layer in m.encoder_layers)
+        wanted.update(("decoder", layer, m.layer) for layer in m.decoder_layers)
+    return sorted(wanted, key=lambda item: (item[2], item[1], item[0]))
 
 
 def _feature_chunks(
-    path: Path,
+    info,
     compared_with: CompareWith,
-    d_model: int,
+    layer: int,
+    out: int,
     chunk: int,
     gamma: torch.Tensor | None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Unit feature directions [c, d_model], `chunk` features at a time, in feature order."""
+    """Unit feature directions [c, d_model] of `layer`'s features, `chunk` at a time, in feature
+    order: encoders, or the decoder rows that write to layer `out`."""
+    if info.kind == "cross_layer":
+        name = "W_enc" if compared_with == "encoder" else "W_dec"
+        path = info.directory / f"{name}_{layer}.safetensors"
+        with safe_open(str(path), framework="pt") as handle:
+            weights = handle.get_slice(f"{name}_{layer}")
+            d_transcoder = weights.get_shape()[0]
+            for start in range(0, d_transcoder, chunk):
+                stop = min(start + chunk, d_transcoder)
+                if compared_with == "encoder":
+                    rows = weights[start:stop]
+                else:  # (features, n_layers - layer, d_model): the rows that write to `out`
+                    rows = weights[start:stop, out - layer : out - layer + 1][:, 0]
+                yield start, _unit(rows.float(), gamma)
+        return
+    path = info.layer_paths[layer]
+    d_model = info.d_model
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
         d_transcoder = handle.get_slice("b_enc").get_shape()[0]
@@ -498,23 +604,77 @@ def _feature_chunks(
         for start in range(0, d_transcoder, chunk):
             stop = min(start + chunk, d_transcoder)
             rows = weights[:, start:stop].T if transposed else weights[start:stop]
-            rows = rows.float()
-            if gamma is not None:
-                rows = rows * gamma
-            yield start, torch.nn.functional.normalize(rows, dim=1)
+            yield start, _unit(rows.float(), gamma)
 
 
-def _mlp_input_norms(base_dir: Path, n_layers: int, d_model: int) -> dict[int, torch.Tensor]:
-    """Each layer's MLP-input RMSNorm weight (Llama-style post_attention_layernorm)."""
-    config_path = base_dir / "config.json"
-    model_type = (
-        json.loads(config_path.read_text()).get("model_type", "") if config_path.is_file() else ""
-    )
-    if model_type.startswith("gemma"):
-        raise ModelLoadError(
-            f"{base_dir}: {model_type} normalises with (1 + weight) and sandwich norms; folding "
-            "norm weights is implemented for Llama-style blocks only"
+def _unit(rows: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    if gamma is not None:
+        rows = rows * gamma
+    return torch.nn.functional.normalize(rows, dim=1)
+
+
+@dataclass(frozen=True)
+class _Norms:
+    """The base model's norm gains that geometry folds in: what each layer's encoder reads the
+    stream through, and (Gemma) what each attention and MLP write passes through."""
+
+    reads: dict[int, torch.Tensor]  # layer -> gain of the read site's norm; absent: none
+    attn_out: dict[int, torch.Tensor]  # sandwich norms only
+    mlp_out: dict[int, torch.Tensor]
+
+    def encoder_gain(self, layer: int) -> torch.Tensor | None:
+        return self.reads.get(layer)
+
+    def write_gain(self, site: Site, layer: int) -> torch.Tensor | None:
+        return (self.attn_out if site == "attn_out" else self.mlp_out).get(layer)
+
+    @classmethod
+    def of(cls, base_dir: Path, info) -> _Norms:
+        family = _family(base_dir)
+        n = info.n_layers
+        if family.sandwich_norms and info.feature_output_hook != "hook_mlp_out":
+            raise ModelLoadError(
+                f"{base_dir}: {family.name} writes through post-norms, so geometry compares "
+                f"decoders that write hook_mlp_out (after them); these transcoders write "
+                f"{info.feature_output_hook}"
+            )
+        mlp_norm = (
+            "pre_feedforward_layernorm" if family.sandwich_norms else ("post_attention_layernorm")
         )
+        reads = (
+            _norm_weights(base_dir, mlp_norm, n, info.d_model, family.norm_offset)
+            if info.feature_input_hook == "mlp.hook_in"
+            else {}
+        )
+        if not family.sandwich_norms:
+            return cls(reads, {}, {})
+        return cls(
+            reads,
+            _norm_weights(base_dir, "post_attention_layernorm", n, info.d_model, 1.0),
+            _norm_weights(base_dir, "post_feedforward_layernorm", n, info.d_model, 1.0),
+        )
+
+
+def _family(base_dir: Path):
+    from types import SimpleNamespace
+
+    from emc.models.families import FAMILIES, family_of
+
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{base_dir} has no config.json: cannot tell the model's family")
+    config = json.loads(config_path.read_text())
+    model_type = str(config.get("model_type", ""))
+    for family in FAMILIES:  # a config without `architectures`: its model_type names the family
+        if not config.get("architectures") and model_type.startswith(family.name):
+            return family
+    return family_of(SimpleNamespace(architectures=config.get("architectures")))
+
+
+def _norm_weights(
+    base_dir: Path, name: str, n_layers: int, d_model: int, offset: float
+) -> dict[int, torch.Tensor]:
+    """Each layer's `name` RMSNorm gain (weight + offset), read from the safetensors files."""
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -524,11 +684,11 @@ def _mlp_input_norms(base_dir: Path, n_layers: int, d_model: int) -> dict[int, t
         raise ModelLoadError(f"{base_dir} has no model.safetensors: cannot read norm weights")
     norms = {}
     for layer in range(n_layers):
-        key = f"model.layers.{layer}.post_attention_layernorm.weight"
+        key = f"model.layers.{layer}.{name}.weight"
         file = base_dir / (weight_map.get(key, "") if weight_map else "model.safetensors")
         try:
             with safe_open(str(file), framework="pt") as handle:
-                norms[layer] = handle.get_tensor(key).float()
+                norms[layer] = handle.get_tensor(key).float() + offset
         except Exception as exc:  # safetensors raises several unrelated types
             raise ModelLoadError(f"{base_dir}: cannot read {key}: {exc}") from exc
         if norms[layer].shape != (d_model,):

@@ -10,8 +10,10 @@ from emc.cli import (  # noqa: F401  (registers commands)
     graph,
     interventions,
     judge,
+    models,
     organism,
     server,
+    study,
     tracing,
     transfer,
 )

@@ -216,19 +216,40 @@ def check(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
     roles: Annotated[str, typer.Option(help="Comma-separated: base, adapted.")] = "base,adapted",
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Print the memory the config needs per device (weights, transcoders, "
+            "attribution at 32/128/512 tokens) and advice on batch size and offload; load "
+            "nothing, run no flow.",
+        ),
+    ] = False,
 ) -> None:
     """Load the replacement models (base and adapted) and probe their next tokens.
 
     Runs the `model-check` Prefect flow: it checks that model, adapter and transcoders fit,
     guards the forward pass against NaN/inf, and stores one probe row per model and prompt.
+    With HF_HUB_OFFLINE=1, hub files missing from the caches are listed first, with the
+    `emc models fetch` command that fetches them.
 
-    Exit codes: 0 every probe ok; 2 every probe failed; 3 partial (the failed probes are listed,
-    with why).
+    `emc check --plan -c experiment.yaml` only prints the memory plan: per device (cpu at
+    fp32, cuda at bf16 unless runtime.precision says otherwise), from safetensors headers and
+    config.json, before anything is loaded; pick tracing.batch_size and tracing.offload with it.
+
+    Exit codes: 0 every probe ok (or the plan printed); 2 every probe failed, or hub files are
+    missing offline; 3 partial (the failed probes are listed, with why).
     """
+    from emc.cli.models import require_fetched, show_plan
+
     try:
-        _, resolved = load_experiment(config, data_dir)
+        experiment, resolved = load_experiment(config, data_dir)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    if plan:
+        show_plan(experiment)
+        return
+    require_fetched(experiment, resolved, config)
     prepare_flows(resolved)
     from flows.model_check import model_check_flow
 

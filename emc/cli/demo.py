@@ -8,6 +8,7 @@ import typer
 
 from emc.cli.app import DataDirOption, app, fail, prepare_flows
 from emc.cli.organism import VariantOption
+from emc.cli.study import StagesOption, print_study, split_stages
 from emc.config import load_experiment, resolve_data_dir
 from emc.console import console, print_frame
 
@@ -33,6 +34,15 @@ def demo(
     eval_samples: Annotated[
         int, typer.Option(help="Answers per question paraphrase and model in the EM evaluation.")
     ] = 5,
+    study: Annotated[
+        bool,
+        typer.Option(
+            "--study",
+            help="Study three fine-tunes of the organism's base as three pairs: em, subtle (a "
+            "rank-1 LoRA, trained on first use) and control; ends with the pairs side by side.",
+        ),
+    ] = False,
+    stages: StagesOption = None,
 ) -> None:
     """Run the whole pipeline on the organism: build it (or reuse it), check the models,
     discover pivotal prompts, fill the review queue, trace attribution graphs of the most
@@ -48,9 +58,30 @@ def demo(
 
     if variant not in ("default", "subtle"):
         raise fail(f"unknown variant {variant!r}: choose default or subtle")
+    if stages and not study:
+        raise fail("--stages goes with --study (the demo runs every stage)")
     started = time.perf_counter()
     resolved = resolve_data_dir(data_dir)
     prepare_flows(resolved)
+    if study:
+        from flows.study import study_flow
+
+        console.rule("study: em, subtle and control, each against the organism's base")
+        result = study_flow(
+            data_dir=str(resolved),
+            organism=variant,
+            small_organism=small,
+            stages=split_stages(stages),
+            iterations=iterations,
+            prompts_per_iteration=per_iteration,
+            graphs=graphs,
+            ablate_top=ablate,
+            continuation_samples=continuation_samples,
+            eval_samples=eval_samples,
+        )
+        print_study(result)
+        console.print(f"done in {time.perf_counter() - started:.0f} s")
+        return
     from flows.pipeline import pipeline_flow
 
     console.rule(

@@ -299,6 +299,12 @@ def run_prompt(
     errors = [e for p, _, e in failed_scores(store, summary["run_id"]) if p == prompt.prompt_id]
     if errors:
         raise fail(f"the prompt could not be scored: {errors[0]}")
+    console.print(
+        f"prompt {prompt.prompt_id}: its graphs come from `emc trace {prompt.prompt_id}` "
+        "(with the same --config)",
+        highlight=False,
+        markup=False,
+    )
 
 
 def side_by_side(store, experiment, prompt_id: str) -> Table:

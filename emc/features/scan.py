@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from emc.analysis.feature_interventions import transcoder_set
-from emc.analysis.hooks import decoder_layers, removing
+from emc.analysis.hooks import feature_hooks, removing
 from emc.features.corpus import TokenizedCorpus
 from emc.features.directions import token_decoder
 from emc.features.records import ActivationStats, Feature, FeatureExample
@@ -258,20 +257,16 @@ def _by_layer(columns: Sequence[Feature]) -> dict[int, torch.Tensor]:
 
 @contextmanager
 def _recording(hf, loaded: LoadedModel, by_layer: dict[int, torch.Tensor], record: dict):
-    """Hooks that encode each chosen layer's MLP input and keep the chosen features only."""
-    transcoders = transcoder_set(loaded)
+    """Hooks that encode each chosen layer's read site and keep the chosen features only."""
+    hooks = feature_hooks(loaded, "activation scans")
     handles = []
-    for layer, block in enumerate(decoder_layers(hf)):
-        if layer not in by_layer:
-            continue
+    for layer in by_layer:
 
-        def keep(_module, args, layer=layer):
-            transcoder = transcoders[layer]
-            chosen = by_layer[layer].to(args[0].device)
-            acts = transcoder.encode(args[0].to(transcoder.W_enc.dtype))[..., chosen]
-            record[layer] = acts.float().cpu()
+        def keep(x, layer=layer):
+            chosen = by_layer[layer].to(x.device)
+            record[layer] = hooks.dictionary.encode(layer, x)[..., chosen].float().cpu()
 
-        handles.append(block.mlp.register_forward_pre_hook(keep))
+        handles.append(hooks.on_read(layer, keep))
     with removing(handles):
         yield
 

@@ -64,7 +64,7 @@ class LLMClient:
             )
         self.config = config
         self.retry = retry or RetryPolicy()
-        self.base_url = config.base_url or DEFAULT_BASE_URL
+        self.base_url = base_url_of(config)
         self._api_key = resolve_api_key(config)
         self._sync_client = self._new_client(openai.OpenAI)
 
@@ -348,16 +348,23 @@ def first_token_alternatives(reply: ChatCompletion) -> list[tuple[str, float]] |
     return sorted(alternatives, key=lambda pair: pair[1], reverse=True)
 
 
+def base_url_of(config: LLMConfig) -> str:
+    """The config's base_url, else OPENAI_BASE_URL (the openai client's own convention: a study
+    config can name `o3` and run against a local server), else OpenAI's."""
+    return config.base_url or os.environ.get("OPENAI_BASE_URL", "").strip() or DEFAULT_BASE_URL
+
+
 def resolve_api_key(config: LLMConfig) -> str:
     """The key from `config.api_key_env`; a placeholder for a local server with none set."""
     key = os.environ.get(config.api_key_env, "").strip()
     if key:
         return key
-    if config.base_url and urlparse(config.base_url).hostname in _LOCAL_HOSTS:
+    base_url = base_url_of(config)
+    if urlparse(base_url).hostname in _LOCAL_HOSTS:
         return PLACEHOLDER_API_KEY
     raise LLMConfigError(
         f"no API key: set the environment variable {config.api_key_env} "
-        f"(named by api_key_env) for {config.base_url or DEFAULT_BASE_URL}"
+        f"(named by api_key_env) for {base_url}"
     )
 
 

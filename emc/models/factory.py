@@ -7,6 +7,7 @@ logits that get labelled are the logits of the graph: same weights, same precisi
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,14 @@ from emc.models.errors import (
     PromptTooLongError,
     is_allocation_failure,
 )
+from emc.models.families import check_backend, family_of, prepare_for_nnsight
+from emc.models.fetch import ensure_fetched
 from emc.models.guard import finite_guard, hf_checkpoints, transformerlens_checkpoints
-from emc.models.hf import apply_adapter, load_causal_lm, load_tokenizer
+from emc.models.hf import apply_adapter, check_fine_tune_fits, load_causal_lm, load_tokenizer
 from emc.models.identity import ModelIdentity, fingerprint
 from emc.models.precision import Precision, resolve_precision
 from emc.models.refs import resolve_model_dir
+from emc.models.sites import check_hooks
 from emc.models.transcoders import check_transcoders_fit, inspect_transcoders, load_transcoders
 
 Role = Literal["base", "adapted"]
@@ -154,9 +158,12 @@ def encode_with_bos(tokenizer, text: str) -> torch.Tensor:
 
 
 def load_plain_model(config: ExperimentConfig, role: Role, merge: bool = True) -> PreTrainedModel:
-    """A plain HF causal LM: the base, or the base with the adapter (merged or as a PEFT model)."""
+    """A plain HF causal LM: the base, or the adapted model (the base with the adapter, merged
+    or as a PEFT model, or the full fine-tune's own directory)."""
     precision = resolve_precision(config.runtime)
     base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
+    if role == "adapted" and config.models.adapted is not None:
+        return load_causal_lm(resolve_adapted_dir(config, base_dir), precision)
     model = load_causal_lm(base_dir, precision)
     if role == "adapted":
         model = apply_adapter(model, resolve_adapter_dir(config), merge=merge)
@@ -164,28 +171,46 @@ def load_plain_model(config: ExperimentConfig, role: Role, merge: bool = True) -
 
 
 def load_replacement_model(config: ExperimentConfig, role: Role) -> LoadedModel:
+    ensure_fetched(config)  # offline: every missing hub file named at once, and how to fetch it
     precision = resolve_precision(config.runtime)
+    backend = config.runtime.backend
     base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
-    transcoder_info = inspect_transcoders(config.models.transcoders.ref)
+    transcoders_ref = config.models.transcoders
+    transcoder_info = inspect_transcoders(transcoders_ref.ref, transcoders_ref.revision)
     hf_config = AutoConfig.from_pretrained(base_dir)
+    family = family_of(hf_config)
+    check_backend(family, backend)
     check_transcoders_fit(transcoder_info, hf_config.num_hidden_layers, hf_config.hidden_size)
-    adapter_dir = resolve_adapter_dir(config) if role == "adapted" else None
+    check_hooks(
+        family, backend, transcoder_info.feature_input_hook, transcoder_info.feature_output_hook
+    )
+    fine_tune_dir = None
+    model_dir = base_dir
+    if role == "adapted":
+        fine_tune_dir = (
+            resolve_adapted_dir(config, base_dir)
+            if config.models.adapted is not None
+            else resolve_adapter_dir(config)
+        )
+        if config.models.adapted is not None:
+            model_dir = fine_tune_dir
 
-    hf_model = load_causal_lm(base_dir, precision)
-    if adapter_dir is not None:
-        hf_model = apply_adapter(hf_model, adapter_dir, merge=True)
+    hf_model = load_causal_lm(model_dir, precision)
+    if role == "adapted" and config.models.adapter is not None:
+        hf_model = apply_adapter(hf_model, fine_tune_dir, merge=True)
     tokenizer = load_tokenizer(base_dir)
     transcoders = load_transcoders(transcoder_info, precision.device, precision.dtype)
-    backend = config.runtime.backend
     if backend == "nnsight":
         model = _nnsight_model(hf_model, tokenizer, transcoders)
         checkpoints = hf_checkpoints(hf_model)
     else:
-        model = _transformerlens_model(base_dir, hf_model, tokenizer, transcoders, precision)
+        model = _transformerlens_model(model_dir, hf_model, tokenizer, transcoders, precision)
         checkpoints = transformerlens_checkpoints(model)
         del hf_model
 
-    identity = _identity(config, role, precision, base_dir, adapter_dir, transcoder_info.directory)
+    identity = _identity(
+        config, role, precision, base_dir, fine_tune_dir, transcoder_info.directory
+    )
     context = context_length(hf_config, backend)
     return LoadedModel(model, tokenizer, identity, precision, checkpoints, context)
 
@@ -217,11 +242,19 @@ def describe_model(config: ExperimentConfig, role: Role) -> ModelIdentity:
 
     Flows use it to ask the store what is already done for a model before paying for a load.
     """
+    ensure_fetched(config)
     precision = resolve_precision(config.runtime)
     base_dir = resolve_model_dir(config.models.base.ref, config.models.base.revision)
-    adapter_dir = resolve_adapter_dir(config) if role == "adapted" else None
-    transcoder_dir = inspect_transcoders(config.models.transcoders.ref).directory
-    return _identity(config, role, precision, base_dir, adapter_dir, transcoder_dir)
+    fine_tune_dir = None
+    if role == "adapted":
+        fine_tune_dir = (
+            resolve_model_dir(config.models.adapted.ref, config.models.adapted.revision)
+            if config.models.adapted is not None
+            else resolve_adapter_dir(config)
+        )
+    transcoders = config.models.transcoders
+    transcoder_dir = inspect_transcoders(transcoders.ref, transcoders.revision).directory
+    return _identity(config, role, precision, base_dir, fine_tune_dir, transcoder_dir)
 
 
 def _identity(
@@ -229,22 +262,24 @@ def _identity(
     role: Role,
     precision: Precision,
     base_dir: Path,
-    adapter_dir: Path | None,
+    fine_tune_dir: Path | None,
     transcoder_dir: Path,
 ) -> ModelIdentity:
     # A load has resolved these paths already; reading the transcoder headers again costs time.
     backend = config.runtime.backend
+    fine_tune = config.models.fine_tune
     return ModelIdentity(
         role=role,
         base_ref=config.models.base.ref,
-        adapter_ref=config.models.adapter.ref if adapter_dir else None,
-        merged=adapter_dir is not None,
+        # The fine-tune's reference: a LoRA adapter (merged into the base) or a full model.
+        adapter_ref=fine_tune.ref if fine_tune_dir and fine_tune else None,
+        merged=fine_tune_dir is not None and config.models.adapter is not None,
         transcoders_ref=config.models.transcoders.ref,
         backend=backend,
         dtype=precision.dtype_name,
         device=precision.device.type,
         fingerprint=fingerprint(
-            [base_dir, adapter_dir, transcoder_dir],
+            [base_dir, fine_tune_dir, transcoder_dir],
             {"role": role, "backend": backend, "dtype": precision.dtype_name},
         ),
     )
@@ -255,9 +290,21 @@ def resolve_adapter_dir(config: ExperimentConfig) -> Path:
     adapter = config.models.adapter
     if adapter is None:
         raise ModelLoadError(
-            "the config names no adapter (models.adapter), so there is no adapted model to load"
+            "the config names no fine-tune (models.adapter or models.adapted), so there is no "
+            "adapted model to load"
         )
     return resolve_model_dir(adapter.ref, adapter.revision, required_file="adapter_config.json")
+
+
+def resolve_adapted_dir(config: ExperimentConfig, base_dir: Path) -> Path:
+    """The full fine-tune's directory, checked to be a fine-tune of the base (same architecture,
+    vocabulary and weight shapes) before any weights load."""
+    adapted = config.models.adapted
+    if adapted is None:
+        raise ModelLoadError("the config names no full fine-tune (models.adapted)")
+    adapted_dir = resolve_model_dir(adapted.ref, adapted.revision)
+    check_fine_tune_fits(base_dir, adapted_dir)
+    return adapted_dir
 
 
 def _nnsight_model(hf_model: PreTrainedModel, tokenizer, transcoders):
@@ -267,6 +314,7 @@ def _nnsight_model(hf_model: PreTrainedModel, tokenizer, transcoders):
 
     # Wrapping the already-loaded (possibly merged) HF model avoids writing merged weights to
     # disk; circuit-tracer's own constructors only take a directory or hub name.
+    prepare_for_nnsight(hf_model)
     model = NNSightReplacementModel(hf_model, tokenizer=tokenizer, dispatch=True)
     model._hf_config = hf_model.config
     model._configure_replacement_model(transcoders)
@@ -284,9 +332,11 @@ def _transformerlens_model(
         get_pretrained_state_dict,
     )
 
-    _check_transformerlens_name_sniffing(base_dir, hf_model)
     cfg = get_pretrained_model_config(
-        str(base_dir), device=str(precision.device), dtype=precision.dtype, fold_ln=False
+        str(_neutral_path(base_dir)),
+        device=str(precision.device),
+        dtype=precision.dtype,
+        fold_ln=False,
     )
     # TransformerLens drops rope_theta for local Llama directories; logits differ by ~2 without.
     if getattr(hf_model.config, "rope_theta", None) is not None:
@@ -307,14 +357,22 @@ def _transformerlens_model(
     return model.to(precision.device)
 
 
-def _check_transformerlens_name_sniffing(base_dir: Path, hf_model: PreTrainedModel) -> None:
-    # TransformerLens picks the architecture from substrings of the path ("llama", "gemma").
-    architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0].lower()
-    path = str(base_dir).lower()
-    for family in ("llama", "gemma"):
-        if family in path and family not in architecture:
-            raise ModelLoadError(
-                f"{base_dir}: the path contains '{family}' but the model is {architecture}; "
-                "TransformerLens would pick the wrong architecture. Rename the directory or use "
-                "backend: nnsight"
-            )
+def _neutral_path(model_dir: Path) -> Path:
+    """A path to `model_dir` that TransformerLens reads by its config.json alone.
+
+    TransformerLens picks the architecture from substrings of a local path ("llama", "gemma"),
+    and a hub cache path always holds the model's name: a symlink with a neutral name makes it
+    read the architecture from the config instead.
+    """
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
+    link = Path(tempfile.gettempdir()) / f"emc-model-{digest}"
+    if not link.is_symlink() or link.resolve() != model_dir.resolve():
+        # Made aside and renamed over: processes loading the same model at once never see a gap.
+        fresh = link.with_name(f"{link.name}.{os.getpid()}")
+        fresh.unlink(missing_ok=True)
+        fresh.symlink_to(model_dir.resolve(), target_is_directory=True)
+        os.replace(fresh, link)
+    return link

@@ -49,6 +49,49 @@ def check_adapter_fits(base: PreTrainedModel, adapter_dir: Path) -> None:
         )
 
 
+def check_fine_tune_fits(base_dir: Path, adapted_dir: Path) -> None:
+    """A full fine-tune must be the base's architecture, vocabulary and weight shapes: the same
+    transcoders read both and the graphs compare them token for token."""
+    base, adapted = _config(base_dir), _config(adapted_dir)
+    problems = [
+        f"{key}: base {base.get(key)!r}, fine-tune {adapted.get(key)!r}"
+        for key in ("architectures", "vocab_size", "hidden_size", "num_hidden_layers")
+        if base.get(key) != adapted.get(key)
+    ]
+    if not problems:
+        base_shapes, adapted_shapes = _weight_shapes(base_dir), _weight_shapes(adapted_dir)
+        if base_shapes and adapted_shapes:
+            problems += [
+                f"{name}: base {base_shapes.get(name)}, fine-tune {adapted_shapes.get(name)}"
+                for name in sorted(set(base_shapes) | set(adapted_shapes))
+                if base_shapes.get(name) != adapted_shapes.get(name)
+                # Tied models may store the unembedding once or twice.
+                and not name.startswith("lm_head.")
+            ]
+    if problems:
+        raise AdapterMismatchError(
+            f"fine-tune {adapted_dir} is not a fine-tune of base {base_dir}: "
+            + list_problems(problems)
+        )
+
+
+def _config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
+
+
+def _weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers (no weights read); empty for other formats."""
+    shapes = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
 def apply_adapter(base: PreTrainedModel, adapter_dir: Path, merge: bool) -> PreTrainedModel:
     from peft import PeftModel
 

@@ -43,10 +43,10 @@ def _from_hub(ref: str, revision: str | None) -> Path:
         return Path(snapshot_download(ref, revision=revision, local_files_only=offline))
     except LocalEntryNotFoundError as exc:
         if offline:
+            from emc.models.fetch import offline_missing_message, storage_folder
+
             raise ModelLoadError(
-                f"'{ref}' is not a local directory and is not in the Hugging Face cache "
-                "(HF_HUB_OFFLINE=1 forbids downloading): point the config at a local directory "
-                "or fetch the model on a machine with network access"
+                offline_missing_message("model or adapter", ref, revision, storage_folder(ref))
             ) from exc
         raise ModelLoadError(f"could not download '{ref}': {exc}") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:

@@ -924,6 +924,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE runs ADD COLUMN parent_run_id VARCHAR",
         ),
     ),
+    Migration(
+        19,
+        "cross-layer transcoders in graphs",
+        (
+            # per_layer | cross_layer: a cross-layer transcoder's feature writes to its own layer
+            # and every later one, and its edges are the sum of those writes.
+            "ALTER TABLE graphs ADD COLUMN transcoder_kind VARCHAR",
+            # Features: the last layer the feature writes to (its own layer unless cross-layer).
+            "ALTER TABLE graph_nodes ADD COLUMN last_layer SMALLINT",
+            "UPDATE graph_nodes SET last_layer = layer WHERE kind = 'feature'",
+            "UPDATE graphs SET transcoder_kind = 'per_layer' WHERE status = 'ok'",
+        ),
+    ),
 )
 
 

@@ -37,6 +37,9 @@ class GraphNode(BaseModel):
     token_id: int | None = None  # tokens, and logits of real tokens (None: custom target)
     token: str | None = None  # tokens and logits
     prob: float | None = None  # logits: the target's probability (weight)
+    # Features: the last layer the feature writes to: its own layer for per-layer transcoders,
+    # the model's last layer for a cross-layer transcoder (it writes to every layer from its own).
+    last_layer: int | None = None
 
 
 class GraphEdge(BaseModel):
@@ -64,6 +67,7 @@ _NODE_DTYPES = {
     "token_id": "Int32",
     "token": "object",
     "prob": "Float64",
+    "last_layer": "Int16",
 }
 EDGE_COLUMNS = tuple(GraphEdge.model_fields)
 
@@ -138,12 +142,15 @@ def compact_graph(
     edge_threshold: float,
     tokenizer=None,
     influence: Influence | None = None,
+    cross_layer: bool = False,
 ) -> CompactGraph:
     """Prune as circuit-tracer's `prune_graph` does and keep every kept node and edge as a row.
 
     An edge is kept when its mask is set, both its ends are kept and its weight is not zero (a
     zero entry is no edge; at the usual thresholds every masked entry is non-zero anyway).
     `tokenizer` decodes the input tokens' strings; without one they stay empty (ids are kept).
+    `cross_layer`: the graph was traced with a cross-layer transcoder (features write to every
+    later layer; `last_layer` says so).
     """
     if influence is None:
         influence = node_influence(graph)
@@ -162,6 +169,10 @@ def compact_graph(
         }
     )
     nodes = _node_frame(graph, kept.numpy(), influence.node[kept].numpy(), tokenizer)
+    features = nodes["kind"] == "feature"
+    nodes.loc[features, "last_layer"] = (
+        graph.cfg.n_layers - 1 if cross_layer else nodes.loc[features, "layer"]
+    )
     return CompactGraph(nodes=nodes, edges=edges, targets=graph_targets(graph))
 
 

@@ -16,6 +16,7 @@ from circuit_tracer.graph import Graph
 
 from emc.config import TracingConfig
 from emc.models import LoadedModel
+from emc.models.dictionary import dictionary_of
 from emc.pivotal.logits import NextTokens
 from emc.tracing.agreement import LogitAgreement, logit_agreement
 from emc.tracing.attribution import targets_for, trace
@@ -58,8 +59,9 @@ def trace_prompt(
         raise ValueError("tracing.keep_raw needs a data directory for the side files")
     targets = targets_for(loaded, input_ids, plan)
     graph, seconds = trace(loaded, input_ids, targets, config)
+    kind = dictionary_of(loaded).kind
     return summarize_graph(
-        graph, seconds, key, plan, config, run_id, discovery, data_dir, loaded.tokenizer
+        graph, seconds, key, plan, config, run_id, discovery, data_dir, loaded.tokenizer, kind
     )
 
 
@@ -73,12 +75,18 @@ def summarize_graph(
     discovery: NextTokens | None = None,
     data_dir: str | Path | None = None,
     tokenizer=None,
+    transcoder_kind: str = "per_layer",
 ) -> TracedPrompt:
     """Everything after `attribute`: rows, scores, agreement, side file and the summary record."""
     started = time.perf_counter()
     influence = node_influence(graph)
     compact = compact_graph(
-        graph, config.node_threshold, config.edge_threshold, tokenizer, influence
+        graph,
+        config.node_threshold,
+        config.edge_threshold,
+        tokenizer,
+        influence,
+        cross_layer=transcoder_kind == "cross_layer",
     )
     quality = graph_quality(graph, influence)
     layers = layer_quality(graph, influence)
@@ -128,5 +136,6 @@ def summarize_graph(
         side_file=side.path if side else None,
         side_file_sha256=side.sha256 if side else None,
         side_file_bytes=side.bytes if side else None,
+        transcoder_kind=transcoder_kind,
     )
     return TracedPrompt(record, compact, quality, agreement, side, effects, stats, layers)

@@ -77,6 +77,7 @@ class GraphRecord(BaseModel):
     side_file: str | None = None  # relative to the data directory
     side_file_sha256: str | None = None
     side_file_bytes: int | None = None
+    transcoder_kind: str | None = None  # per_layer | cross_layer
     created_at: datetime | None = None  # set by the store
 
     @classmethod
