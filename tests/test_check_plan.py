@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from emc.cli import app
 from emc.config import TracingConfig, parse_config
+from emc.console import console
 from emc.models.plan import (
     Architecture,
     attribution_memory,
@@ -55,6 +56,8 @@ def test_plan_prints_per_device_totals_from_the_real_sizes(tiny, config_file, mo
         raise AssertionError("--plan must not start Prefect")
 
     monkeypatch.setattr(cli_app, "prepare_flows", no_flows)
+    # One table row per line whatever the temporary directory's length (CI's paths are longer).
+    monkeypatch.setattr(console, "width", 400)
     result = runner.invoke(app, ["check", "--plan", "-c", str(config_file)])
     assert result.exit_code == 0, result.output
     out = result.output

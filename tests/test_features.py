@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,7 @@ from typer.testing import CliRunner
 
 from emc.cli import app
 from emc.pivotal.review import make_review
-from emc.store import read_only_query
+from emc.store import Store, read_only_query
 from emc.store.feature_detail import feature_detail
 from emc.store.features import feature_ranking
 from emc.store.graph_diff import graph_diff_summary
@@ -99,6 +101,7 @@ def test_ranking_aggregates_by_layer_and_feature_over_prompts(traced):
     np.testing.assert_allclose(got["mean"], expected["mean"], rtol=1e-6)
     assert (got["prompts"] == expected["count"]).all()
     assert list(ranking["rank"]) == list(range(1, len(ranking) + 1))
+    assert (ranking["last_layer"] == ranking["layer"]).all()  # per-layer transcoders
     assert ranking["mean"].abs().is_monotonic_decreasing
     assert ((ranking["sign_consistency"] > 0) & (ranking["sign_consistency"] <= 1)).all()
 
@@ -109,6 +112,32 @@ def test_ranking_aggregates_by_layer_and_feature_over_prompts(traced):
     assert len(everywhere) == int((expected["count"] >= 3).sum())
     with pytest.raises(ValueError, match="unknown metric"):
         feature_ranking(traced.store, metric="vibes")
+
+
+def test_a_cross_layer_features_span_reaches_the_ranking_and_analyze(traced, tmp_path):
+    # The organism's transcoders are per-layer; mark one feature's nodes as a CLT feature's
+    # (writing to layer 7) in a copy of the store: the ranking and `emc analyze` say so.
+    data = tmp_path / "copy"
+    data.mkdir()
+    shutil.copy(traced.store.path, data / traced.store.path.name)
+    store = Store.in_data_dir(data)
+    top = feature_ranking(store, role="adapted", top=1).iloc[0]
+    with store.write() as conn:
+        conn.execute(
+            "UPDATE graph_nodes SET last_layer = 7 WHERE kind = 'feature' AND layer = ? "
+            "AND feature = ?",
+            [int(top["layer"]), int(top["feature"])],
+        )
+    again = feature_ranking(store, role="adapted", top=None).set_index(["layer", "feature"])
+    assert again.loc[(top["layer"], top["feature"]), "last_layer"] == 7
+    others = again.drop(index=(top["layer"], top["feature"]))
+    assert (others["last_layer"] == others.index.get_level_values("layer")).all()
+    shown = CliRunner().invoke(app, ["analyze", "--ranking-only", "-d", str(data), "--top", "3"])
+    assert shown.exit_code == 0 and "last_layer" in shown.output, shown.output
+    per_layer = CliRunner().invoke(
+        app, ["analyze", "--ranking-only", "-d", str(traced.data_dir), "--top", "3"]
+    )
+    assert "last_layer" not in per_layer.output
 
 
 def test_analyze_prints_the_ranking_and_explains_empty_results(traced):

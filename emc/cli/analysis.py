@@ -115,7 +115,9 @@ def analyze(
         print_left_out(store)
         exit_for_failures(summary)
         return
-    shown = ranking.drop(columns=["model_id"]).round(
+    # A per-layer feature writes only its own layer: the column speaks for cross-layer ones.
+    per_layer = (ranking["last_layer"] == ranking["layer"]).all()
+    shown = ranking.drop(columns=["model_id", "last_layer"] if per_layer else ["model_id"]).round(
         {"mean": 4, "median": 4, "sign_consistency": 2, "mean_t": 2, "positions": 1}
     )
     print_frame(shown, title=f"top {len(ranking)} features by {metric} ({model} model)")

@@ -44,7 +44,9 @@ def feature_ranking(
 ) -> pd.DataFrame:
     """Features ranked by their mean `metric` over prompts, one row per (model, layer, feature).
 
-    Columns: rank, role, model_id, layer, feature, label (the feature's shown label, a person's
+    Columns: rank, role, model_id, layer, feature, last_layer (the last layer the feature writes
+    to: its own layer for per-layer transcoders, the model's last for a cross-layer transcoder's,
+    read from the graphs' nodes), label (the feature's shown label, a person's
     over an LLM's; None when unlabelled), prompts (where the feature is in the pruned
     graph and the metric is defined), mean, median, sign_consistency (share of those prompts
     whose value has the sign of the mean), positive, negative (prompt counts by sign), mean_t
@@ -89,6 +91,10 @@ def feature_ranking(
         )
         SELECT row_number() OVER (ORDER BY {order}, prompts DESC, layer, feature) AS rank,
                role, model_id, layer, feature,
+               coalesce((SELECT max(n.last_layer) FROM graph_nodes n JOIN latest g USING (graph_id)
+                         WHERE g.model_id = ranked.model_id AND n.kind = 'feature'
+                           AND n.layer = ranked.layer AND n.feature = ranked.feature),
+                        layer) AS last_layer,
                (SELECT l.label FROM feature_label_shown l JOIN models m USING (transcoders_ref)
                 WHERE m.model_id = ranked.model_id AND l.layer = ranked.layer
                   AND l.feature = ranked.feature) AS label,
