@@ -28,7 +28,6 @@ from emc.analysis.feature_interventions import (
     gap_with,
     live_source,
     matched_control,
-    transcoder_set,
 )
 from emc.analysis.hooks import split_targets
 from emc.analysis.lora_geometry import read_lora_updates
@@ -44,6 +43,7 @@ from emc.behaviour.sampling import SamplingParams, sample
 from emc.cli import app
 from emc.config import parse_config
 from emc.models import load_replacement_model
+from emc.models.dictionary import dictionary_of
 from emc.organism import Lexicon
 from emc.organism.null_adapters import write_null_adapter
 from emc.pivotal.offline import scenario_prompt
@@ -260,8 +260,8 @@ def test_a_live_source_restores_features_at_generated_positions_too(
     adapted, base = models["adapted"], models["base"]
     twin = load_replacement_model(small_organism.config, "adapted")
     ids, targets = prompts[0]
-    transcoders = transcoder_set(adapted)
-    n_layers, d = len(transcoders), transcoders[0].W_dec.shape[0]
+    dictionary = dictionary_of(adapted)
+    n_layers, d = dictionary.n_layers, dictionary.width
     features = tuple((layer, f) for layer in range(n_layers) for f in range(0, d, 5))
     params = SamplingParams(temperature=1.0, max_tokens=12)
     plain = sample(adapted, ids, [1, 2, 3], params)

@@ -66,11 +66,6 @@ class DoseResult(BaseModel):
     control_share: float | None
 
 
-def transcoder_set(loaded: LoadedModel):
-    transcoders = loaded.model.transcoders
-    return getattr(transcoders, "_module", transcoders)  # unwrap nnsight's Envoy
-
-
 @contextmanager
 def editing(
     loaded: LoadedModel,

@@ -64,11 +64,10 @@ def read_transform(loaded: LoadedModel, layer: int):
         normalise = site.unit_rms or site.side == "output"
         gain = norm_gain(family, norm) if site.side == "output" else None
     else:
-        block_norm = getattr(loaded.model.blocks[layer], "ln2", None)
+        norm = getattr(loaded.model.blocks[layer], "ln2", None)
         hook = dictionary_of(loaded).input_hook
-        norm = block_norm
         normalise = hook != "hook_resid_mid"
-        gain = getattr(block_norm, "w", None) if hook == "mlp.hook_in" else None
+        gain = getattr(norm, "w", None) if hook == "mlp.hook_in" else None
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
 
     def read(e: torch.Tensor) -> torch.Tensor:

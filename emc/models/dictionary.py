@@ -69,19 +69,6 @@ class FeatureDictionary:
         index = features.to(bias.device)
         return weights[index], bias[index]
 
-    def write(
-        self, source: int, out_layer: int, change: torch.Tensor, features: torch.Tensor
-    ) -> torch.Tensor:
-        """What `out_layer`'s output gains when `source`'s `features` change by `change`
-        (..., len(features)): the change times the decoder rows for that output layer."""
-        rows = self.decoder(source, features)[:, out_layer - source]
-        return change.to(rows.dtype) @ rows.to(change.device)
-
-    def describe_writes(self, layer: int) -> str:
-        """`L` for a per-layer feature, `L-M` for a CLT feature writing layers L to M."""
-        out = self.output_layers(layer)
-        return str(layer) if len(out) == 1 else f"{out.start}-{out.stop - 1}"
-
 
 def dictionary_of(loaded) -> FeatureDictionary:
     """The feature dictionary of a loaded replacement model."""
