@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from emc.config import ConfigError, config_refs, load_config, parse_config, study_config
 from emc.models import describe_model
+from emc.organism.experiment import organism_config
 from emc.store import Store
 from emc.store.study import compare_pairs
 from tests.graph_store import seed_organism
@@ -121,3 +122,35 @@ def test_a_study_fetches_every_fine_tune_once():
         ("transcoders", "org/tc"),
         ("adapted", "org/full"),
     ]
+
+
+def test_emc_study_runs_a_configs_fine_tunes_as_pairs(small_organism, tmp_path):
+    # `emc study -c STUDY.yaml`: a person's study config, two of the organism's fine-tunes,
+    # discovery only; both pairs judge the same prompts and the table compares them.
+    data = tmp_path / "data"
+    root = seed_organism(small_organism, data)
+    raw = organism_config(root, root.name).model_dump(mode="json", exclude_none=True)
+    del raw["models"]["adapter"]
+    raw["study"] = [
+        {"name": name, "adapter": {"ref": str(root / "adapters" / name)}}
+        for name in ("em", "control")
+    ]
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(json.dumps(raw))
+    command = ["emc", "study", "-c", str(study_file), "--stages", "discovery", "--iterations",
+               "1", "--per-iteration", "2"]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=clean_env(EMC_DATA_DIR=str(data), COLUMNS="200",
+                      PATH=f"{ROOT / '.venv' / 'bin'}:{clean_env()['PATH']}"),
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    configs = {name: load_config(data / "study" / f"{name}.yaml") for name in ("em", "control")}
+    pairs = {
+        name: (describe_model(c, "base").model_id, describe_model(c, "adapted").model_id)
+        for name, c in configs.items()
+    }
+    table = compare_pairs(Store.in_data_dir(data), pairs)
+    assert list(table["shared_prompts"]) == [4, 4]  # 2 pairs x 1 round x 2 prompts, both judged
+    assert "the study's pairs" in output and "control" in output
