@@ -87,11 +87,11 @@ def test_review_to_graph_to_feature_to_prompt(demo_store, tmp_path):
             _, layer, _position, feature = node.split("/")
 
             # -> its feature card.
+            # The graphs page names the feature too, so wait for the card's own section.
             page.get_by_role("link", name=f"Feature card L{layer}/{feature}").first.click()
-            page.get_by_text(f"{layer}/{feature}").first.wait_for()
+            page.get_by_text("Where it appears").wait_for()
             finish_run(page)
             assert _query(page).get("feature") == f"{layer}/{feature}"
-            page.get_by_text("Where it appears").wait_for()
             screenshot(page, "clickthrough-3-feature.png")
 
             # -> a prompt where it appears: back on the Graphs page, for that prompt.
