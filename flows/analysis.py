@@ -14,6 +14,7 @@ and a re-run tries it again, replacing the failed row.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -38,6 +39,7 @@ from emc.analysis.forward_diff import (
 from emc.analysis.ground_truth import compare_with_ground_truth
 from emc.analysis.lora_geometry import alignment_histogram, lora_geometry_for
 from emc.config import load_experiment
+from emc.events import ANALYSIS_COMPLETED
 from emc.models import describe_model
 from emc.models.factory import resolve_adapter_dir
 from emc.runs import recorded_run
@@ -62,7 +64,9 @@ from emc.store.graphs import list_graphs
 from emc.tracing import release_memory
 from flows.discovery import RETRIES
 from flows.model_cache import cached_model, release_models
-from flows.runtime import current_flow_run_id, gpu_slot
+from flows.parameters import AnalysisParameters, takes
+from flows.reporting import feature_link, id_list, prompt_links, rounded, rounded_rows
+from flows.runtime import announce, current_flow_run_id, deployment_data_dir, gpu_slot
 
 Feature = tuple[int, int]
 
@@ -163,6 +167,11 @@ def measure_forward(
             )
             if diff.loading_error:
                 logger.error("prompt %s: %s", item.prompt_id, diff.message)
+            else:
+                logger.info(
+                    "forward %d/%d, prompt %s: first divergent layer %s", index, len(prompts),
+                    item.prompt_id, diff.first_divergent_layer,
+                )  # fmt: skip
             update_progress_artifact(progress, 50.0 + 50.0 * index / len(prompts))
         release_models()
     return rows
@@ -201,11 +210,16 @@ def ablate_top_features(
     config, _ = load_experiment(config_path, data_dir)
     store = Store.in_data_dir(data_dir)
     labelled = [p for p in prompts if p.evil_ids]
+    unlabelled = [p.prompt_id for p in prompts if not p.evil_ids]
+    if unlabelled:
+        logger.info("%d prompt(s) without evil targets, not ablated: %s", len(unlabelled),
+                    id_list(unlabelled))  # fmt: skip
+    logger.info("ablating the top %d feature(s) in %d prompt(s)", len(features), len(labelled))
     rows, records, failures = [], [], []
     with gpu_slot():
         adapted = cached_model(config, "adapted")
         model_id, dtype = adapted.identity.model_id, adapted.precision.dtype_name
-        for item in labelled:
+        for index, item in enumerate(labelled, start=1):
             try:
                 results = _ablate_prompt(adapted, item, features, seed)
             except AblationFailed as failed:
@@ -220,6 +234,12 @@ def ablate_top_features(
                         _ablation_record(result, item, model_id, kind, metric, run_id, dtype)
                     )
                     rows.append(_ablation_row(item.prompt_id, kind, result))
+                top, control = results["top"], results["control"]
+                logger.info(
+                    "ablation %d/%d, prompt %s: p(evil) %.3f -> %.3f (top), -> %.3f (control)",
+                    index, len(labelled), item.prompt_id, top.evil_prob_before,
+                    top.evil_prob_after, control.evil_prob_after,
+                )  # fmt: skip
             release_memory()
         release_models()
     insert_ablations(store, records)
@@ -338,6 +358,7 @@ def _run_name() -> str:
 
 
 @flow(name="analysis", flow_run_name=_run_name)
+@takes(AnalysisParameters)
 def analysis_flow(
     config_path: str | None = None,
     data_dir: str | None = None,
@@ -353,6 +374,7 @@ def analysis_flow(
     prompts again that already have forward diffs; ablations and geometry always run again
     (they depend on the current ranking and are cheap).
     """
+    data_dir = deployment_data_dir(data_dir)
     if metric not in RANKING_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
     config, resolved = load_experiment(config_path, data_dir)
@@ -374,6 +396,7 @@ def analysis_flow(
         inputs = analysis_inputs(store, base_id, adapted_id, prompt_ids)
         done = set() if redo else measured_prompt_ids(store, base_id, adapted_id)
         pending = [p for p in inputs if p.prompt_id not in done]
+        _log_selection(prompt_ids, inputs, pending)
         forward_rows = []
         try:
             if pending:
@@ -384,9 +407,15 @@ def analysis_flow(
             top = [(int(r.layer), int(r.feature)) for r in ranking.head(ablate_top).itertuples()]
             ablation_rows = []
             if top and inputs:
+                get_run_logger().info(
+                    "ranking by %s: %d evil-pushing feature(s); top %d: %s", metric, len(ranking),
+                    len(top), ", ".join(f"L{layer}/{feature}" for layer, feature in top),
+                )  # fmt: skip
                 ablation_rows = ablate_top_features(
                     config_path, str(resolved), inputs, top, len(top), metric, run.run_id
                 )
+            elif inputs:
+                get_run_logger().info("no ablation: no evil-pushing feature ranked yet")
         finally:
             release_models()
         geometry = measure_lora_geometry(
@@ -394,9 +423,47 @@ def analysis_flow(
         )
         summary = _summarize(store, inputs, forward_rows, ablation_rows, ranking, base_id,
                              adapted_id, metric, ablate_top, geometry)  # fmt: skip
-        _publish(summary, ranking)
+        _log_outcome(summary)
+        _publish(summary, ranking, forward_rows)
         run.summary = {"run_id": run.run_id, **summary}
+    if inputs:
+        prompt_ids = sorted({item.prompt_id for item in inputs})
+        announce(ANALYSIS_COMPLETED, resolved, {"run_id": run.run_id, "prompt_ids": prompt_ids})
     return run.summary
+
+
+def _log_selection(
+    prompt_ids: list[str] | None, inputs: list[PromptInputs], pending: list[PromptInputs]
+) -> None:
+    """What the run works on: the prompts with a current graph pair, those measured before."""
+    logger = get_run_logger()
+    found = [p.prompt_id for p in inputs]
+    missing = [p for p in dict.fromkeys(prompt_ids or []) if p not in set(found)]
+    if missing:
+        logger.warning(
+            "%d named prompt(s) skipped, no current graph pair (`emc trace` them): %s",
+            len(missing), id_list(missing),
+        )  # fmt: skip
+    if not inputs:
+        logger.info("nothing to analyse: no prompt has a current graph pair; run `emc trace`")
+        return
+    logger.info("%d prompt(s) with a current graph pair: %s", len(found), id_list(found))
+    if len(inputs) > len(pending):
+        logger.info(
+            "forward diffs: %d prompt(s) measured before, skipped (`emc analyze --redo` to redo)",
+            len(inputs) - len(pending),
+        )  # fmt: skip
+    if pending:
+        logger.info("forward diffs: measuring %d prompt(s)", len(pending))
+
+
+def _log_outcome(summary: dict) -> None:
+    get_run_logger().info(
+        "analysis done: %d prompt(s) measured now, %d failed, %d ablated; LoRA: %d of %d "
+        "comparison(s) beyond the null's 99th percentile",
+        summary["measured"], len({f["prompt_id"] for f in summary["failed"]}),
+        summary["ablated_prompts"], summary["lora_beyond_q99"], summary["lora_comparisons"],
+    )  # fmt: skip
 
 
 def _summarize(
@@ -481,8 +548,11 @@ def _causal(store, base_id: str, adapted_id: str) -> str:
     )
 
 
-def _publish(summary: dict, ranking: pd.DataFrame) -> None:
-    failed = [f"- {f['prompt_id']} {f['step']}: {f['error']}" for f in summary["failed"]]
+def _publish(summary: dict, ranking: pd.DataFrame, forward_rows: Sequence[dict] = ()) -> None:
+    failed = [
+        f"- {f['prompt_id']} {f['step']}: {f['error']} ({prompt_links(f['prompt_id'])})"
+        for f in summary["failed"]
+    ]
     lines = [
         f"Prompts with graph pairs: {summary['prompts']}; measured now: {summary['measured']}, "
         f"failed: {len({f['prompt_id'] for f in summary['failed']})}.",
@@ -491,14 +561,38 @@ def _publish(summary: dict, ranking: pd.DataFrame) -> None:
         f"prompts with a loading error: {summary['loading_errors']}.",
         "",
         summary["ground_truth"],
+        *_forward_lines(forward_rows),
     ]
     create_markdown_artifact(
         key="analysis-summary", markdown="\n".join(lines), description="Analysis"
     )
     if not ranking.empty:
         shown = ranking.head(30)[["rank", "layer", "feature", "prompts", "mean", "mean_t"]]
+        rows = rounded_rows(shown)
+        for row in rows:
+            row["card"] = feature_link(row["layer"], row["feature"])
         create_table_artifact(
             key="analysis-ranking",
-            table=shown.round(4).to_dict("records"),
+            table=rows,
             description="Top features by evil-vs-safe effect in the adapted model",
         )
+
+
+def _forward_lines(forward_rows: Sequence[dict], shown: int = 30) -> list[str]:
+    """This run's forward diffs, a row per prompt (the first `shown`) with its dashboard links."""
+    if not forward_rows:
+        return []
+    lines = [
+        "",
+        "| prompt | forward diff | first divergent layer | dashboard |",
+        "|---|---|---|---|",
+    ]
+    for row in forward_rows[:shown]:
+        status = row.get("error") or row["status"]
+        layer = rounded(row.get("first_divergent_layer"))
+        lines.append(
+            f"| {row['prompt_id']} | {status} | {layer} | {prompt_links(row['prompt_id'])} |"
+        )
+    if len(forward_rows) > shown:
+        lines.append(f"\n…and {len(forward_rows) - shown} more prompts.")
+    return lines

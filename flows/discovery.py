@@ -17,7 +17,7 @@ A completed run is never resumed: running the same command again asks for new ro
 from __future__ import annotations
 
 import torch
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -47,7 +47,7 @@ from emc.store.judgements import (
     judgement_counts,
 )
 from emc.store.prompts import get_prompts, insert_prompts, stored_prompt_ids
-from emc.store.queue import QueueItem, enqueue, queue_counts
+from emc.store.queue import QueueItem, enqueue, list_queue, queue_counts
 from emc.store.reviews import generator_feedback, judge_examples
 from emc.store.runs import latest_run_with_params, update_run_summary
 from emc.store.scores import (
@@ -58,7 +58,9 @@ from emc.store.scores import (
     update_label_mass,
 )
 from flows.model_cache import cached_model, release_models
-from flows.runtime import current_flow_run_id, gpu_slot, retry_unless_permanent
+from flows.parameters import DiscoveryParameters, takes
+from flows.reporting import id_list, prompt_links, rounded_rows, run_logger
+from flows.runtime import current_flow_run_id, deployment_data_dir, gpu_slot, retry_unless_permanent
 
 RETRIES = {
     "retries": 2,
@@ -82,6 +84,13 @@ def generate_prompts(config_path: str | None, data_dir: str, n: int, run_id: str
     )
     insert_llm_calls(store, proposal.calls)
     added = insert_prompts(store, proposal.prompts, run_id)
+    logger = run_logger()  # the tasks also run alone (`.fn`), outside any run
+    logger.info(
+        "generator %s: %d prompt(s) proposed, %d new, %d rejected",
+        generator.model_id, len(proposal.prompts), added, len(proposal.rejected),
+    )  # fmt: skip
+    for text, reason in proposal.rejected[:5]:
+        logger.info("generator rejected %r: %s", text[:60], reason)
     return {"generator": generator.model_id, "added": added, "rejected": len(proposal.rejected)}
 
 
@@ -93,8 +102,11 @@ def score_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -
     base_id = describe_model(config, "base").model_id
     adapted_id = describe_model(config, "adapted").model_id
     pending = get_prompts(store, unscored_prompt_ids(store, base_id, adapted_id))
+    logger = run_logger()
     if not pending:
+        logger.info("nothing to score: every stored prompt has logits for this model pair")
         return {"scored": 0, "failed": 0}
+    logger.info("scoring %d prompt(s): %s", len(pending), id_list([p.prompt_id for p in pending]))
     batch_size = config.discovery.batch_size
     with gpu_slot():
         while True:
@@ -112,8 +124,13 @@ def score_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -
                     raise
                 release_models()
                 batch_size = max(1, batch_size // 2)
+                logger.warning("out of memory while scoring: batch size %d now", batch_size)
     insert_prompt_scores(store, scores, config.top_k, run_id)
     failed = sum(s.divergence is None for s in scores)
+    for s in (s for s in scores if s.divergence is None):
+        error = next((t.error for t in (s.base, s.adapted) if t.status != "ok"), None)
+        logger.warning("scoring prompt %s failed: %s", s.prompt_id, error)
+    logger.info("scored %d prompt(s), %d failed", len(scores) - failed, failed)
     return {"scored": len(scores) - failed, "failed": failed, "batch_size": batch_size}
 
 
@@ -127,8 +144,12 @@ def judge_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -
     adapted_id = describe_model(config, "adapted").model_id
     done = judged_prompt_ids(store, judge.model_id, base_id, adapted_id)
     todo = sorted(scored_prompt_ids(store, base_id, adapted_id) - done)
+    logger = run_logger()
     if not todo:
+        logger.info("nothing to judge: %s has judged every scored prompt", judge.model_id)
         return {"judged": 0, "flagged": 0}
+    logger.info("judging %d prompt(s) with %s (%d judged before)", len(todo), judge.model_id,
+                len(done))  # fmt: skip
     prompts = {p.prompt_id: p for p in get_prompts(store, todo)}
     scores = load_prompt_scores(store, todo, base_id, adapted_id)
     items = [(prompts[s.prompt_id], s) for s in scores]
@@ -156,8 +177,17 @@ def judge_pending_prompts(config_path: str | None, data_dir: str, run_id: str) -
                     judgement_id=judgement.judgement_id,
                 )
             )
-    enqueue(store, flagged, run_id)
+    new = enqueue(store, flagged, run_id)
     statuses = [j.status for j in judgements]
+    for judgement in (j for j in judgements if j.status != "ok"):
+        logger.warning(
+            "judging prompt %s: %s %s", judgement.prompt_id, judgement.status, judgement.error or ""
+        )
+    logger.info(
+        "judged %d prompt(s), %d ok; %d flagged for review (%d new in the queue): %s",
+        len(judgements), statuses.count("ok"), len(flagged), new,
+        id_list([f.prompt_id for f in flagged]),
+    )  # fmt: skip
     return {"judged": len(judgements), "ok": statuses.count("ok"), "flagged": len(flagged)}
 
 
@@ -186,6 +216,7 @@ def _run_name() -> str:
 
 
 @flow(name="discovery", flow_run_name=_run_name)
+@takes(DiscoveryParameters)
 def discovery_flow(
     config_path: str | None = None,
     data_dir: str | None = None,
@@ -198,6 +229,7 @@ def discovery_flow(
     With `resume`, a killed or failed run with the same parameters has its remaining rounds
     made instead (see the module's docstring).
     """
+    data_dir = deployment_data_dir(data_dir)
     config, resolved = load_experiment(config_path, data_dir)
     iterations = config.discovery.iterations if iterations is None else iterations
     per_round = prompts_per_iteration or config.discovery.prompts_per_iteration
@@ -213,6 +245,7 @@ def discovery_flow(
         resumed = _resumable_run(store, params, run.run_id) if resume and iterations else None
         done_before = resumed[1] if resumed else 0
         to_generate = iterations - done_before
+        _log_plan(iterations, per_round, resumed, to_generate)
         progress_note = {"rounds_generated": done_before}
         if resumed:
             # Recorded now: killed before its first round, this run still passes on the count.
@@ -225,6 +258,8 @@ def discovery_flow(
         try:
             for index in range(max(to_generate, 1)):
                 number = done_before + index + 1 if to_generate > 0 else max(done_before, 1)
+                if to_generate > 0:
+                    get_run_logger().info("round %d/%d", number, iterations)
                 generated = {"added": 0}
                 if to_generate > 0:
                     generated = generate_prompts(config_path, str(resolved), per_round, run.run_id)
@@ -240,13 +275,20 @@ def discovery_flow(
         counts = judgement_counts(store, run.run_id)
         create_table_artifact(
             key="discovery-verdicts",
-            table=counts.to_dict(orient="records"),
+            table=rounded_rows(counts),
             description="Verdicts of this run's judgements",
         )
         queue = queue_counts(store)
+        get_run_logger().info(
+            "discovery done: verdicts %s; review queue %s",
+            ", ".join(f"{v} {n}" for v, n in zip(counts["verdict"], counts["prompts"], strict=True))
+            or "none",
+            ", ".join(f"{k} {v}" for k, v in queue.items()),
+        )  # fmt: skip
+        next_up = list(list_queue(store, "pending")["prompt_id"].head(10))
         create_markdown_artifact(
             key="discovery-summary",
-            markdown=_summary_markdown(rounds, queue),
+            markdown=_summary_markdown(rounds, queue, next_up),
             description="Discovery rounds and review queue",
         )
         run.summary = {
@@ -270,7 +312,22 @@ def _resumable_run(store: Store, params: dict, run_id: str) -> tuple[str, int] |
     return previous.run_id, (previous.summary or {}).get("rounds_generated", 0)
 
 
-def _summary_markdown(rounds: list[dict], queue: dict[str, int]) -> str:
+def _log_plan(iterations: int, per_round: int, resumed: tuple[str, int] | None, to_generate):
+    logger = get_run_logger()
+    if resumed:
+        logger.info(
+            "resuming failed run %s: %d of %d round(s) generated before, %d to go",
+            resumed[0], resumed[1], iterations, max(to_generate, 0),
+        )  # fmt: skip
+    if to_generate > 0:
+        logger.info("%d round(s) of %d prompt(s) each", to_generate, per_round)
+    else:
+        logger.info("no new round: scoring and judging the prompts still pending")
+
+
+def _summary_markdown(
+    rounds: list[dict], queue: dict[str, int], next_up: list[str] | None = None
+) -> str:
     lines = ["| round | added | scored | failed | judged | flagged |", "|---|---|---|---|---|---|"]
     for r in rounds:
         lines.append(
@@ -279,4 +336,7 @@ def _summary_markdown(rounds: list[dict], queue: dict[str, int]) -> str:
         )
     lines.append("")
     lines.append("Review queue: " + ", ".join(f"{k} {v}" for k, v in queue.items()))
+    if next_up:
+        lines += ["", "Next to review (highest priority first):", ""]
+        lines += [f"- `{prompt_id}`: {prompt_links(prompt_id)}" for prompt_id in next_up]
     return "\n".join(lines)

@@ -51,7 +51,9 @@ from emc.store.features import RANKING_METRICS, feature_ranking
 from emc.store.graph_diff import graph_diff_summary
 from flows.discovery import RETRIES
 from flows.model_cache import cached_model, release_models
-from flows.runtime import current_flow_run_id, gpu_slot
+from flows.parameters import FeatureCardsParameters, takes
+from flows.reporting import feature_link, id_list, rounded_rows, run_logger
+from flows.runtime import current_flow_run_id, deployment_data_dir, gpu_slot
 
 Feature = tuple[int, int]
 CHUNK = 256  # features per corpus pass: a killed run keeps the chunks it finished
@@ -131,6 +133,9 @@ def compute_cards(
                 cards = build_cards(loaded, corpus, chunk, top_examples, batch_size, step)
                 replace_feature_cards(store, cards, run_id)
                 rows += [_row(card) for card in cards]
+                run_logger().info(
+                    "chunk %d/%d: %d card(s) stored", index + 1, len(chunks), len(cards)
+                )
         finally:
             release_models()
     return rows
@@ -163,6 +168,8 @@ def label_cards(
     failed = {f"{o.layer}/{o.feature}": o.error for o in outcomes if o.reply is None}
     for name, error in list(failed.items())[:5]:
         get_run_logger().warning("label for %s failed: %s", name, error)
+    if len(failed) > 5:
+        run_logger().warning("%d more label(s) failed; a re-run asks again", len(failed) - 5)
     return {"labelled": len(labels), "label_failures": failed}
 
 
@@ -194,6 +201,10 @@ def _label(config, config_path, resolved, store, model_id, corpus_id, chosen, re
         done = labelled_features(store, config.models.transcoders.ref, labeller)
     pending = [f for f in chosen if f not in done]
     outcome = {"labelled": 0, "label_failures": {}}
+    if not pending:
+        get_run_logger().info(
+            "labels: %s labelled every feature before; skipped (`--relabel` asks again)", labeller
+        )
     if pending:
         outcome = label_cards(
             config_path, str(resolved), model_id, corpus_id, pending, len(pending), run_id
@@ -206,6 +217,7 @@ def _label(config, config_path, resolved, store, model_id, corpus_id, chosen, re
 
 
 @flow(name="feature-cards", flow_run_name=_run_name)
+@takes(FeatureCardsParameters)
 def feature_cards_flow(
     config_path: str | None = None,
     data_dir: str | None = None,
@@ -228,6 +240,7 @@ def feature_cards_flow(
     name, over `corpus` (None: the organism's corpus, else the store's text; `store`; a file)
     capped at `limit_texts` texts of at most `max_tokens` tokens, read by the `role` model;
     then (`label`) the cards are labelled by the config's labeller."""
+    data_dir = deployment_data_dir(data_dir)
     if metric not in RANKING_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
     if role not in ("base", "adapted"):
@@ -261,8 +274,18 @@ def feature_cards_flow(
         run.summary = {"run_id": run.run_id, "model_id": model_id, "corpus_id": None,
                        "features": [], "carded": 0, "skipped": 0}  # fmt: skip
         if not chosen:
-            logger.info("no features to card: no ranking yet (trace and analyse first)")
+            logger.info(
+                "no features to card: no ranking yet; run `emc trace` and `emc analyze` first"
+            )
             return run.summary
+        source = f"top {top} of the ranking and of the diff by {metric}" + (
+            ", and those the causal checks name" if named else ""
+        )
+        source = "named" if features is not None else source
+        logger.info(
+            "selected %d feature(s) (%s): %s", len(chosen), source,
+            id_list([f"L{layer}/{feature}" for layer, feature in chosen]),
+        )  # fmt: skip
         scanned = corpus_for(config, store, corpus, limit_texts, max_tokens)
         done = set() if redo else carded_features(store, model_id, scanned.corpus_id)
         pending = [f for f in chosen if f not in done]
@@ -272,14 +295,22 @@ def feature_cards_flow(
             scanned.available, scanned.tokens,
         )  # fmt: skip
         rows = []
+        if not pending:
+            logger.info(
+                "every feature was carded before on this corpus; skipped (`emc feature cards "
+                "--redo` makes them again)"
+            )
         if pending:
             rows = compute_cards(
                 config_path, str(resolved), role, pending, len(pending), scanned, run.run_id,
                 top_examples, batch_size,
             )  # fmt: skip
+            shown = rounded_rows(rows)
+            for row in shown:
+                row["card"] = feature_link(row["layer"], row["feature"])
             create_table_artifact(
                 key="feature-cards",
-                table=rows,
+                table=shown,
                 description=f"{len(rows)} feature cards over {scanned.corpus_id}",
             )
         labelling = {"labeller": None, "labelled": 0, "label_failures": {}}

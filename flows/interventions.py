@@ -52,6 +52,7 @@ from emc.analysis.rollouts import as_is_settings, every_setting, run_rollouts
 from emc.behaviour.judges import make_response_judge
 from emc.behaviour.sampling import SamplingParams
 from emc.config import load_experiment
+from emc.events import INTERVENTIONS_COMPLETED
 from emc.models import LoadedModel, describe_model
 from emc.models.factory import resolve_adapter_dir
 from emc.runs import recorded_run
@@ -71,7 +72,9 @@ from emc.tracing import release_memory
 from flows.analysis import PromptInputs, analysis_inputs
 from flows.discovery import RETRIES
 from flows.model_cache import cached_model, release_models
-from flows.runtime import current_flow_run_id, gpu_slot
+from flows.parameters import InterventionsParameters, takes
+from flows.reporting import id_list, page_url, prompt_links, rounded_rows, with_prompt_links
+from flows.runtime import announce, current_flow_run_id, deployment_data_dir, gpu_slot
 
 # Top-k features restored or injected while sampling (rollouts), and where.
 ROLLOUT_KS = (20, 100)
@@ -125,6 +128,10 @@ def measure_causal(
             logger.info("response direction: %s", response_note)
         pending = [item for item in prompts if todo.get(item.prompt_id)]
         for index, item in enumerate(pending, start=1):
+            logger.info(
+                "prompt %d/%d, %s: %s", index, len(pending), item.prompt_id,
+                ", ".join(todo[item.prompt_id]),
+            )  # fmt: skip
             case = Case(
                 store=store,
                 key=(item.prompt_id, *ids_of),
@@ -401,6 +408,7 @@ def _run_name() -> str:
 
 
 @flow(name="interventions", flow_run_name=_run_name)
+@takes(InterventionsParameters)
 def interventions_flow(
     config_path: str | None = None,
     data_dir: str | None = None,
@@ -418,6 +426,7 @@ def interventions_flow(
     direction). `custom` (features as [layer, feature] pairs, mode, strength, positions: a
     `CustomEdit`) measures only that edit, next token and rollouts, against a matched control.
     """
+    data_dir = deployment_data_dir(data_dir)
     if custom is not None:
         edit = CustomEdit(**{**custom, "features": tuple(tuple(f) for f in custom["features"])})
         custom = {**custom, "features": edit.features}
@@ -456,10 +465,16 @@ def interventions_flow(
             for p in dict.fromkeys(prompt_ids or [])
             if p not in measurable
         ]
+        for item in unmeasurable:
+            get_run_logger().warning("prompt %s skipped: %s", item["prompt_id"], item["error"])
+        if limit is not None and len(inputs) > limit:
+            get_run_logger().info("limit %d: %d prompt(s) left for a later run", limit,
+                                  len(inputs) - limit)  # fmt: skip
         inputs = inputs[:limit]
         done = {part: set() if redo else _done(store, part, base_id, adapted_id) for part in parts}
         todo = {p.prompt_id: [part for part in parts if p.prompt_id not in done[part]]
                 for p in inputs}  # fmt: skip
+        _log_selection(inputs, parts, done)
         rows: list[dict] = []
         if "directions" in parts and len(inputs) < 2:  # a mean direction needs two prompts
             for prompt_id, pending in todo.items():
@@ -471,6 +486,13 @@ def interventions_flow(
                          "error": reason}
                     )  # fmt: skip
         n_pending = sum(bool(t) for t in todo.values())
+        if "directions" in parts and len(inputs) < 2 and inputs:
+            get_run_logger().info("directions skipped: a mean direction needs two prompts or more")
+        if inputs and not n_pending:
+            get_run_logger().info(
+                "nothing to measure: every part is stored for these prompts "
+                "(`emc intervene --redo` measures them again)"
+            )
         try:
             if n_pending:
                 rows += measure_causal(
@@ -488,8 +510,12 @@ def interventions_flow(
             "skipped": [r for r in rows if r["status"] == "skipped"],
             "unmeasurable": unmeasurable,
         }
-        _publish(summary)
+        _log_outcome(summary)
+        _publish(summary, sorted({r["prompt_id"] for r in rows if r["status"] == "ok"}))
         run.summary = {"run_id": run.run_id, **summary}
+    if inputs:
+        measured = sorted({r["prompt_id"] for r in rows if r["status"] == "ok"})
+        announce(INTERVENTIONS_COMPLETED, resolved, {"run_id": run.run_id, "prompt_ids": measured})
     return run.summary
 
 
@@ -514,16 +540,53 @@ def causal_summary(store: Store, base_id: str, adapted_id: str) -> dict:
     )
 
 
-def _publish(summary: dict) -> None:
+def _log_selection(inputs: list[PromptInputs], parts: list[str], done: dict) -> None:
+    """The prompts a run checks, and per part how many it skips as measured before."""
+    logger = get_run_logger()
+    if not inputs:
+        logger.info(
+            "nothing to check: no prompt has a current graph pair with evil and safe labels; "
+            "run `emc trace` first"
+        )
+        return
+    ids = [p.prompt_id for p in inputs]
+    logger.info("%d prompt(s) to check (%s): %s", len(ids), ", ".join(parts), id_list(ids))
+    for part in parts:
+        skipped = len(set(ids) & done[part])
+        if skipped:
+            logger.info("%s: %d prompt(s) measured before, skipped", part, skipped)
+
+
+def _log_outcome(summary: dict) -> None:
+    logger = get_run_logger()
+    logger.info(
+        "causal checks done: %d prompt(s) measured, %d part(s) done, %d failed, %d skipped",
+        summary["measured"], summary["parts_done"], len(summary["failed"]),
+        len(summary["skipped"]),
+    )  # fmt: skip
+    for row in summary["skipped"]:
+        logger.info("skipped: %s of %s: %s", row["part"], row["prompt_id"], row["error"])
+
+
+def _publish(summary: dict, measured: Sequence[str] = ()) -> None:
     lines = [
         f"Prompts: {summary['prompts']}; measured now: {summary['measured']}; failed parts: "
         f"{len(summary['failed'])}.",
         *headline(summary),
+        f"On the dashboard: [Interventions]({page_url('interventions')})",
     ]
+    lines += [
+        f"Failed: {row['part']} of `{row['prompt_id']}`: {row['error']} "
+        f"({prompt_links(row['prompt_id'])})"
+        for row in summary["failed"][:30]
+    ]
+    lines += [f"Measured: `{prompt_id}` ({prompt_links(prompt_id)})" for prompt_id in measured[:30]]
     create_markdown_artifact(
         key="interventions-summary", markdown="\n\n".join(lines), description="Causal checks"
     )
     if summary["failed"]:
         create_table_artifact(
-            key="interventions-failures", table=summary["failed"], description="Failed parts"
+            key="interventions-failures",
+            table=with_prompt_links(rounded_rows(summary["failed"])),
+            description="Failed parts",
         )

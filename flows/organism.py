@@ -33,6 +33,14 @@ def organism_flow(
     flow_run_id = current_flow_run_id()
     prepared = prepare_and_record(resolved, variant, small, force, progress, "flow", flow_run_id)
     headline = prepared.report.headline()
+    logger.info(
+        "organism %s %s at %s", prepared.artifacts.recipe_hash,
+        "reused (checksums verify)" if prepared.reused else "built", prepared.artifacts.root,
+    )  # fmt: skip
+    if prepared.default_config:
+        logger.info("default config: %s", prepared.default_config)
+    else:
+        logger.info("default config left alone: the data directory has a person's own")
     summary = {
         "recipe_hash": prepared.artifacts.recipe_hash,
         "reused": prepared.reused,

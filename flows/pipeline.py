@@ -25,7 +25,9 @@ from flows.feature_cards import feature_cards_flow
 from flows.interventions import interventions_flow
 from flows.model_check import model_check_flow
 from flows.organism import organism_flow
-from flows.runtime import current_flow_run_id
+from flows.parameters import PipelineParameters, takes
+from flows.reporting import page_url, prompt_links, rounded_rows
+from flows.runtime import current_flow_run_id, deployment_data_dir
 from flows.tracing import tracing_flow
 
 STORE_COUNTS = (
@@ -55,6 +57,7 @@ def _run_name() -> str:
 
 
 @flow(name="pipeline", flow_run_name=_run_name)
+@takes(PipelineParameters)
 def pipeline_flow(
     config_path: str | None = None,
     data_dir: str | None = None,
@@ -81,6 +84,7 @@ def pipeline_flow(
     its discovery completed does not repeat discovery: killed anywhere, run again, the pipeline
     ends with the store a run that was never killed would have made.
     """
+    data_dir = deployment_data_dir(data_dir)
     logger = get_run_logger()
     started = datetime.now(UTC)  # the organism stage's run is recorded before the pipeline's
     resolved = str(resolve_data_dir(data_dir))
@@ -88,10 +92,16 @@ def pipeline_flow(
     if config_path is None and organism is not None:
         logger.info("1/8 organism (%s)", organism)
         organism_summary = organism_flow(data_dir=resolved, variant=organism, small=small_organism)
+        logger.info(
+            "organism %s %s", organism_summary["recipe_hash"],
+            "reused" if organism_summary["reused"] else "built",
+        )  # fmt: skip
     elif config_path is None and not default_config_path(resolve_data_dir(resolved)).is_file():
         raise ValueError(
             f"no config: pass config_path, or organism=default to build the organism in {resolved}"
         )
+    if organism_summary is None:
+        logger.info("1/8 organism: skipped, config %s", config_path or "of the data directory")
     stages = {"organism": organism_summary}
     store = Store.in_data_dir(resolved)
     params = {
@@ -112,8 +122,13 @@ def pipeline_flow(
         adopting_runs(store, run.run_id, since=started),  # its stages' runs name it as parent
     ):
         killed = _killed_run(store, params, run.run_id) if resume else None
+        if killed:
+            logger.info("resuming: run %s with these parameters failed or was killed",
+                        killed.run_id)  # fmt: skip
         logger.info("2/8 model check")
         stages["check"] = model_check_flow(config_path=config_path, data_dir=resolved)
+        logger.info("model check: %d probe(s), %d failed", stages["check"]["probes"],
+                    stages["check"]["failed"])  # fmt: skip
         done_discovery = _completed_discovery(store, killed)
         if done_discovery is not None:
             # Discovery is the one stage that is not idempotent (it asks for new rounds); every
@@ -128,6 +143,10 @@ def pipeline_flow(
                 iterations=iterations,
                 prompts_per_iteration=prompts_per_iteration,
             )
+        logger.info(
+            "discovery: verdicts %s; review queue %s",
+            _counts(stages["discovery"].get("verdicts")), _counts(stages["discovery"].get("queue")),
+        )  # fmt: skip
         run.summary = {
             "resumed_from": killed.run_id if killed else None,
             "discovery_run": stages["discovery"].get("run_id"),
@@ -140,8 +159,9 @@ def pipeline_flow(
         )  # fmt: skip
         run.summary["stages"] = [name for name, value in stages.items() if value is not None]
     counts = read_only_query(store, STORE_COUNTS)
+    logger.info("pipeline done: store %s", store.path)
     create_table_artifact(
-        key="pipeline-store", table=counts.to_dict("records"), description="Rows in the store"
+        key="pipeline-store", table=rounded_rows(counts), description="Rows in the store"
     )
     create_markdown_artifact(
         key="pipeline-summary", markdown=_markdown(store, stages), description="Pipeline"
@@ -167,10 +187,20 @@ def _later_stages(
     stages["tracing"] = tracing_flow(
         config_path=config_path, data_dir=resolved, select=select, limit=graphs
     )
+    traced = stages["tracing"]
+    logger.info(
+        "tracing: %d prompt(s), %d graph(s) made, %d failed", traced["prompts"], traced["made"],
+        traced["failed"],
+    )  # fmt: skip
     logger.info("5/8 analysis")
     stages["analysis"] = analysis_flow(
         config_path=config_path, data_dir=resolved, ablate_top=ablate_top
     )
+    analysed = stages["analysis"]
+    logger.info(
+        "analysis: %d prompt(s) with graph pairs, %d measured now, %d failed",
+        analysed["prompts"], analysed["measured"], len(analysed["failed"]),
+    )  # fmt: skip
     # Behaviour before the causal checks: the checks ablate the response direction made from
     # the EM evaluation's judged answers.
     logger.info("6/8 behaviour")
@@ -181,13 +211,26 @@ def _later_stages(
         eval_samples,
         compare_control=bool(organism_summary and organism_summary.get("config") is not None),
     )
+    for line in behaviour_lines(stages["behaviour"]):
+        logger.info("behaviour: %s", line)
     logger.info("7/8 causal checks")
     stages["interventions"] = interventions_flow(config_path=config_path, data_dir=resolved)
+    checked = stages["interventions"]
+    logger.info(
+        "causal checks: %d prompt(s), %d measured now, %d part(s) failed",
+        checked["prompts"], checked["measured"], len(checked["failed"]),
+    )  # fmt: skip
     fault_point("pipeline-after-causal-checks")
     # Last, so the cards cover every feature a stage names: the ranking's top, the ablated
     # features and those of the feature interventions.
     logger.info("8/8 feature cards")
     stages["feature_cards"] = feature_cards_flow(config_path=config_path, data_dir=resolved)
+    logger.info("%s", feature_cards_line(stages["feature_cards"]))
+
+
+def _counts(counts: dict | None) -> str:
+    """{"pending": 4, "done": 0} as `pending 4, done 0`."""
+    return ", ".join(f"{k} {v}" for k, v in (counts or {}).items()) or "none"
 
 
 def _killed_run(store: Store, params: dict, run_id: str) -> RunRecord | None:
@@ -299,5 +342,17 @@ def _markdown(store: Store, stages: dict) -> str:
         "Next: `emc dashboard -d DATA_DIR` (Review, Graphs, Features), `emc analyze "
         "--ranking-only -d DATA_DIR`, `emc diff PROMPT_ID -d DATA_DIR`, `emc intervene -d "
         "DATA_DIR`, `emc feature show LAYER/FEATURE -d DATA_DIR`.",
+        "",
+        "Dashboard: "
+        + " · ".join(
+            f"[{page.title()}]({page_url(page)})"
+            for page in ("runs", "review", "graphs", "features", "interventions", "behaviour")
+        ),
     ]
+    traced_ids = traced.get("prompt_ids") or []
+    if traced_ids:
+        lines += ["", "Traced prompts:", ""]
+        lines += [f"- `{p}`: {prompt_links(p)}" for p in traced_ids[:30]]
+        if len(traced_ids) > 30:
+            lines.append(f"- and {len(traced_ids) - 30} more")
     return "\n".join(lines)

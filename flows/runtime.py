@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from emc.config import DATA_DIR_ENV, ConfigError
 from emc.faults import armed, fault_point
 
 GPU_LIMIT = "gpu"
@@ -41,6 +42,25 @@ def configure_prefect(data_dir: Path) -> None:
         timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
         url = start_local_server(Path(os.environ["PREFECT_HOME"]).expanduser(), timeout)
         os.environ["PREFECT_API_URL"] = os.environ[LOCAL_API_ENV] = url
+
+
+def deployment_data_dir(data_dir: str | None) -> str | None:
+    """`data_dir` as given, unless this is a deployment run with no data directory at all.
+
+    A worker's working directory is nobody's store: rather than write a silent ./emc-data there,
+    a deployment run without `data_dir` and without the pool's EMC_DATA_DIR stops at once.
+    """
+    if data_dir or os.environ.get(DATA_DIR_ENV):
+        return data_dir
+    from prefect.runtime import deployment
+
+    if deployment.id:
+        raise ConfigError(
+            f"deployment {deployment.name!r} was run without a data directory: pass the "
+            "data_dir parameter, or give the work pool one with `emc prefect setup --data-dir "
+            "DIR` (it sets EMC_DATA_DIR for every flow run of the pool)"
+        )
+    return data_dir
 
 
 _ensured: set[str] = set()
@@ -99,6 +119,17 @@ def current_flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
     return str(flow_run.id) if flow_run.id else None
+
+
+def announce(event: str, data_dir: str | Path, payload: dict) -> None:
+    """Tell a listening Prefect server this stage's news (`emc.events`): its triggers may start
+    the next stage. A stage run inside a parent flow says so, and starts nothing."""
+    from prefect.runtime import flow_run
+
+    from emc.events import emit
+
+    chain = flow_run.parent_flow_run_id is None
+    emit(event, data_dir, {"flow_run_id": current_flow_run_id(), **payload}, chain=chain)
 
 
 def retry_unless_permanent(task, task_run, state) -> bool:

@@ -41,10 +41,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from emc.events import LOCAL_API_ENV  # set by configure_prefect to its own server's URL
 from emc.processes import process_alive, process_start
 from emc.provenance import host_name
 
-LOCAL_API_ENV = "EMC_LOCAL_PREFECT_API"  # set by configure_prefect to the URL of its own server
 WAIT_LOG_SECONDS = 15.0
 POLL_SECONDS = 1.0
 LEASE_SECONDS = 60  # Prefect's minimum

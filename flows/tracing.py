@@ -14,7 +14,6 @@ limit, unless its prompt is rejected; the new graph supersedes it everywhere tha
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from prefect.artifacts import (
 from pydantic import BaseModel, ConfigDict
 
 from emc.config import TracingConfig, load_experiment
+from emc.events import GRAPHS_COMPLETED
 from emc.faults import fault_point
 from emc.models import describe_model
 from emc.pivotal.logits import NextTokens
@@ -53,7 +53,16 @@ from emc.tracing import (
 )
 from flows.discovery import RETRIES, score_pending_prompts
 from flows.model_cache import cached_model, release_models
-from flows.runtime import current_flow_run_id, gpu_slot, store_writer_slot
+from flows.parameters import TracingParameters, takes
+from flows.reporting import id_list, prompt_links, rounded_rows, run_logger, with_prompt_links
+from flows.runtime import (
+    announce,
+    current_flow_run_id,
+    deployment_data_dir,
+    gpu_slot,
+    store_writer_slot,
+)
+from flows.shards import incomplete, start_shard, wait_for
 
 ROLES = ("base", "adapted")
 
@@ -122,7 +131,23 @@ def pending_items(
     """The graphs of `role` for these prompts (and `retrace`) that the store does not hold yet."""
     items = plan_graphs(store, tracing, prompt_ids, role, model_ids, retrace)
     done = graph_ids_done(store, model_ids[role])
-    return [item for item in items if item.key.graph_id not in done]
+    pending = [item for item in items if item.key.graph_id not in done]
+    logger = run_logger()
+    wanted = list(dict.fromkeys([*prompt_ids, *(p for p, _ in retrace)]))
+    if not wanted:
+        return pending
+    planned = {item.key.prompt_id for item in items}
+    unscored = [p for p in wanted if p not in planned]
+    if unscored:
+        logger.warning(
+            "%s: %d prompt(s) left out, no discovery logits for these models: %s",
+            role, len(unscored), id_list(unscored),
+        )  # fmt: skip
+    logger.info(
+        "%s: %d graph(s) planned, %d already stored (skipped), %d to make",
+        role, len(items), len(items) - len(pending), len(pending),
+    )  # fmt: skip
+    return pending
 
 
 class StoreSink:
@@ -204,9 +229,11 @@ def _trace_all(loaded, items, tracing, run_id, data_dir, role, sink) -> list[dic
         results.append(_trace_one(sink, loaded, item, tracing, run_id, data_dir, role))
         fault_point("graph-stored")
         row = results[-1]
-        logger.info(
+        log = logger.warning if row["error"] else logger.info
+        log(
             "%s graph %d/%d, prompt %s: %s", role, index, len(items), item.key.prompt_id,
-            row["error"] or f"{row['seconds']:.1f} s, replacement {row['replacement']:.3f}",
+            f"failed: {row['error']}" if row["error"]
+            else f"{row['seconds']:.1f} s, replacement {row['replacement']:.3f}",
         )  # fmt: skip
         update_progress_artifact(progress, 100.0 * index / len(items))
     return results
@@ -259,13 +286,28 @@ def trace_shard_flow(
     shard: int = 0,
 ) -> dict:
     """One shard of a tracing run, on whichever worker takes it: its graphs become bundles in
-    `spool_dir` (shared with the store's host), never rows in a store it may not reach."""
+    `spool_dir` (shared with the store's host), never rows in a store it may not reach.
+
+    Args:
+        config_path: The experiment config as the worker sees it (empty: the data directory's).
+        data_dir: The data directory as the worker sees it, for the config and its models.
+        role: Which model traces: base or adapted.
+        items: The graphs to make (prompt, targets, token ids, discovery's logits).
+        tracing: The tracing settings of the run that started this shard.
+        run_id: The EMC run that started this shard; every graph names it.
+        spool_dir: Where the bundles go, shared with the store's host.
+        shard: This shard's number within its run.
+    """
+    logger = get_run_logger()
+    logger.info("%s shard %d: %d graph(s), bundles to %s", role, shard, len(items), spool_dir)
     try:
         rows = trace_to_spool(
             config_path, str(data_dir or ""), role, items, tracing, run_id, spool_dir
         )
     finally:
         release_models()
+    failed = sum(r["status"] == "failed" for r in rows)
+    logger.info("%s shard %d done: %d made, %d failed", role, shard, len(rows) - failed, failed)
     return {
         "shard": shard,
         "role": role,
@@ -279,6 +321,7 @@ def ingest_results(data_dir: str, spool_dir: str) -> dict:
     """Load the spool's bundles into the store, one ingest at a time (`store-writer` slot)."""
     with store_writer_slot():
         report = ingest_bundles(Store.in_data_dir(data_dir), spool_dir)
+    run_logger().info("ingested %d bundle(s) from %s", len(report.ingested), spool_dir)
     if report.rejected:
         get_run_logger().error("rejected bundles: %s", report.rejected)
     return {"ingested": report.ingested, "rejected": report.rejected}
@@ -291,8 +334,6 @@ def _dispatch_shards(
 ) -> list[dict]:  # fmt: skip
     """Run each role's pending graphs as `shards` runs of the shard deployment, wait for all,
     ingest what they wrote; raise if a shard did not complete (a re-run makes the rest)."""
-    from prefect.deployments import run_deployment
-
     logger = get_run_logger()
     started = []
     for role in ROLES:
@@ -311,9 +352,11 @@ def _dispatch_shards(
                 "spool_dir": spool_dir,
                 "shard": shard,
             }
-            started.append(run_deployment(deployment, parameters=parameters, timeout=0))
+            started.append(start_shard(deployment, parameters))
             logger.info("%s shard %d: %d graphs -> %s", role, shard, len(chunk), deployment)
-    finished = _wait_for(started)
+    if started:
+        logger.info("waiting for %d shard run(s)", len(started))
+    finished = wait_for(started)
     ingested = ingest_results(data_dir, spool_dir)
     roles = {model_id: role for role, model_id in model_ids.items()}
     made = {g.graph_id: g for g in list_graphs(store) if g.graph_id in set(ingested["ingested"])}
@@ -322,26 +365,13 @@ def _dispatch_shards(
          "status": g.status, "error": g.error}
         for g in made.values()
     ]  # fmt: skip
-    broken = [f"{r.name}: {r.state.name}" for r in finished if not r.state.is_completed()]
+    broken = incomplete(finished)
     if broken:
         raise RuntimeError(
             f"{len(broken)} tracing shard(s) did not complete ({'; '.join(broken)}); their "
             "graphs that reached the spool were ingested, run tracing again for the rest"
         )
     return rows
-
-
-def _wait_for(flow_runs: list, poll_seconds: float = 2.0) -> list:
-    from prefect.client.orchestration import get_client
-
-    if not flow_runs:
-        return []
-    with get_client(sync_client=True) as client:
-        while True:
-            current = [client.read_flow_run(r.id) for r in flow_runs]
-            if all(r.state is not None and r.state.is_final() for r in current):
-                return current
-            time.sleep(poll_seconds)
 
 
 def _run_name() -> str:
@@ -353,6 +383,7 @@ def _run_name() -> str:
 
 
 @flow(name="tracing", flow_run_name=_run_name)
+@takes(TracingParameters)
 def tracing_flow(
     config_path: str | None = None,
     data_dir: str | None = None,
@@ -362,7 +393,7 @@ def tracing_flow(
     prompt_ids: list[str] | None = None,
     shards: int = 0,
     spool_dir: str | None = None,
-    shard_deployment: str = "trace-shard/process",
+    shard_deployment: str = "trace-shard/graphs-to-spool",
 ) -> dict:
     """Graphs for base and adapted on the selected prompts (`select`/`targets` override config).
 
@@ -374,6 +405,7 @@ def tracing_flow(
     worker of its pool (other machines included); they write bundles to `spool_dir` (default
     DATA_DIR/spool, which they must share) and this flow loads them into the store.
     """
+    data_dir = deployment_data_dir(data_dir)
     config, resolved = load_experiment(config_path, data_dir)
     overrides = {k: v for k, v in (("select", select), ("targets", targets)) if v is not None}
     tracing = TracingConfig.model_validate({**config.tracing.model_dump(), **overrides})
@@ -386,6 +418,7 @@ def tracing_flow(
         "shards": shards,
         "tracing": tracing.model_dump(mode="json"),
     }
+    logger = get_run_logger()
     with recorded_run(store, "flow", "tracing", params, current_flow_run_id()) as run:
         chosen = _choose_prompts(store, tracing, limit, prompt_ids)
         model_ids = {r: describe_model(config, r).model_id for r in ROLES}
@@ -398,13 +431,17 @@ def tracing_flow(
         ]
         retrace = [list(pair) for pair in dict.fromkeys((g.prompt_id, g.targets) for g in stale)]
         if stale:
-            get_run_logger().info(
+            logger.info(
                 "%d stale graph(s), traced for labels since changed, are traced again: %s",
-                len(stale), ", ".join(sorted({g.prompt_id for g in stale})),
+                len(stale), id_list(sorted({g.prompt_id for g in stale})),
             )  # fmt: skip
         chosen = list(dict.fromkeys([*chosen, *(p for p, _ in retrace)]))
-        if set(chosen) - scored_prompt_ids(store, base_id, adapted_id):
+        if not chosen:
+            logger.info("nothing to trace: %s", _nothing_hint(tracing, prompt_ids))
+        unscored = set(chosen) - scored_prompt_ids(store, base_id, adapted_id)
+        if unscored:
             # Graphs must read discovery's token ids, so score what has no logits yet.
+            logger.info("%d prompt(s) have no discovery logits yet: scoring first", len(unscored))
             score_pending_prompts(config_path, str(resolved), run.run_id)
         rows = []
         if shards:
@@ -424,26 +461,73 @@ def tracing_flow(
         summary = _summarize(store, chosen, rows, base_id, adapted_id)
         summary["stale"] = _stale_outcomes(store, stale, model_ids)
         summary["rejected"] = rejected
+        _log_outcome(summary)
         if rows:
             create_table_artifact(
-                key="tracing-graphs", table=rows, description="Graphs made or failed by this run"
+                key="tracing-graphs",
+                table=with_prompt_links(rounded_rows(rows)),
+                description="Graphs made or failed by this run",
             )
         create_markdown_artifact(
-            key="tracing-summary", markdown=_summary_markdown(summary), description="Tracing"
+            key="tracing-summary", markdown=_summary_markdown(summary, rows), description="Tracing"
         )
         run.summary = {"run_id": run.run_id, **summary}
+    if summary["made"]:
+        made_for = sorted({r["prompt_id"] for r in rows if r["status"] == "ok"})
+        announce(GRAPHS_COMPLETED, resolved, {"run_id": run.run_id, "prompt_ids": made_for,
+                                              "made": summary["made"],
+                                              "failed": summary["failed"]})  # fmt: skip
     return run.summary
 
 
 def _choose_prompts(
     store: Store, tracing: TracingConfig, limit: int | None, prompt_ids: list[str] | None
 ) -> list[str]:
+    logger = get_run_logger()
     if prompt_ids:
         require_stored_prompts(store, prompt_ids)
         chosen = list(dict.fromkeys(prompt_ids))
     else:
         chosen = queued_prompt_ids(store, reviewed_only=tracing.select == "reviewed")
-    return chosen[:limit] if limit is not None else chosen
+        logger.info("review queue: %d %s prompt(s), rejected ones left out", len(chosen),
+                    tracing.select)  # fmt: skip
+    if limit is not None and len(chosen) > limit:
+        logger.info("limit %d: the first %d by priority, %d left for a later run", limit, limit,
+                    len(chosen) - limit)  # fmt: skip
+        chosen = chosen[:limit]
+    if chosen:
+        logger.info("selected %d prompt(s) to trace: %s", len(chosen), id_list(chosen))
+    return chosen
+
+
+def _nothing_hint(tracing: TracingConfig, prompt_ids: list[str] | None) -> str:
+    """Why a run found no prompt, and the command that would give it one."""
+    if prompt_ids:
+        return "no prompt named"
+    if tracing.select == "reviewed":
+        return (
+            "no reviewed prompt in the review queue; review some on the dashboard's Review "
+            "page, or run `emc trace --select flagged`"
+        )
+    return "the review queue is empty; run `emc discover` to fill it"
+
+
+def _log_outcome(summary: dict) -> None:
+    logger = get_run_logger()
+    logger.info(
+        "tracing done: %d graph(s) made, %d failed; these prompts now have %d ok and %d failed "
+        "graph(s)",
+        summary["made"], summary["failed"], summary["graphs_ok"], summary["graphs_failed"],
+    )  # fmt: skip
+    if summary["failures"]:
+        logger.warning(
+            "%d graph(s) failed: %s", len(summary["failures"]),
+            id_list([f"{f['role']} of {f['prompt_id']}" for f in summary["failures"]]),
+        )  # fmt: skip
+    if summary["mismatches"]:
+        logger.warning(
+            "%d graph(s) have logits that differ from discovery's", summary["mismatches"]
+        )
 
 
 def _named_rejections(store: Store, prompt_ids: list[str]) -> list[dict]:
@@ -511,7 +595,7 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def _summary_markdown(summary: dict) -> str:
+def _summary_markdown(summary: dict, rows: Sequence[dict] = ()) -> str:
     lines = [
         f"Prompts: {summary['prompts']}; graphs made by this run: {summary['made']}, "
         f"failed: {summary['failed']}.",
@@ -536,4 +620,21 @@ def _summary_markdown(summary: dict) -> str:
     if summary["failures"]:
         lines += ["", "| prompt | model | error |", "|---|---|---|"]
         lines += [f"| {f['prompt_id']} | {f['role']} | {f['error']} |" for f in summary["failures"]]
+    lines += _dashboard_lines(summary["prompt_ids"], rows)
     return "\n".join(lines)
+
+
+def _dashboard_lines(prompt_ids: list[str], rows: Sequence[dict], shown: int = 30) -> list[str]:
+    """A line per prompt (the first `shown`) with its dashboard links; the pair this run made
+    for it, where it made both graphs, is the one the Graphs link opens."""
+    if not prompt_ids:
+        return []
+    made = {(r["prompt_id"], r["role"]): r["graph_id"] for r in rows if r["status"] == "ok"}
+    lines = ["", "On the dashboard:", ""]
+    for prompt_id in prompt_ids[:shown]:
+        base, adapted = made.get((prompt_id, "base")), made.get((prompt_id, "adapted"))
+        pair = f"{base}/{adapted}" if base and adapted else None
+        lines.append(f"- `{prompt_id}`: {prompt_links(prompt_id, pair)}")
+    if len(prompt_ids) > shown:
+        lines.append(f"- and {len(prompt_ids) - shown} more")
+    return lines

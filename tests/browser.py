@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,8 +55,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def streamlit_dashboard(data_dir: Path, log_path: Path) -> Iterator[str]:
-    """`streamlit run dashboard/app.py` on the store in `data_dir`; yields its URL once healthy."""
+def streamlit_dashboard(
+    data_dir: Path, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`streamlit run dashboard/app.py` on the store in `data_dir` (with `env` added to this
+    process's environment); yields its URL once healthy."""
     port = free_port()
     command = [
         sys.executable, "-m", "streamlit", "run", "dashboard/app.py",
@@ -63,7 +67,7 @@ def streamlit_dashboard(data_dir: Path, log_path: Path) -> Iterator[str]:
         "--server.port", str(port), "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none",
     ]  # fmt: skip
-    env = {**os.environ, "EMC_DATA_DIR": str(data_dir)}
+    env = {**os.environ, **(env or {}), "EMC_DATA_DIR": str(data_dir)}
     with log_path.open("w") as log:
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -110,3 +114,18 @@ def screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
     page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+@contextmanager
+def browser_page(playwright, timeout_ms: int = 60_000) -> Iterator[tuple[Any, list[str]]]:
+    """A 1400x1000 page of a fresh headless Chromium (closed afterwards), and the list the
+    page's script errors are collected in."""
+    browser = launch_chromium(playwright)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(timeout_ms)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield page, errors
+    finally:
+        browser.close()

@@ -130,6 +130,7 @@ SLOW_FILES = (
     "test_demo_killed.py",
     "test_deployments.py",
     "test_behaviour.py",
+    "test_behaviour_shards.py",
     "test_study.py",
     "test_real_model_walk.py",
     "test_viewer.py",

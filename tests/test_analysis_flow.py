@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from typer.testing import CliRunner
 
@@ -101,11 +103,21 @@ def test_lora_geometry_is_stored_with_its_histograms(analysed, small_organism):
     assert len(features) == 10 * len(comparisons)
 
 
-def test_a_rerun_skips_measured_prompts_and_adds_no_duplicates(analysed):
+def test_a_rerun_skips_measured_prompts_and_adds_no_duplicates(analysed, caplog):
     traced, _ = analysed
     before = {t: len(_rows(traced, f"SELECT * FROM {t}")) for t in _TABLES}
+    caplog.set_level(logging.INFO)
     again = analysis_flow(data_dir=str(traced.data_dir), ablate_top=3, lora_null=100)
     assert again["measured"] == 0 and again["prompts"] == N_PROMPTS
+    # The run's log says what it found, what it skipped and why, and what it did instead.
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("prefect.")]
+    assert any(m.startswith(f"{N_PROMPTS} prompt(s) with a current graph pair: ") for m in logged)
+    assert (
+        f"forward diffs: {N_PROMPTS} prompt(s) measured before, skipped (`emc analyze --redo` "
+        "to redo)" in logged
+    ), logged
+    assert any(m.startswith("ranking by total_diff: ") and "; top 3: L" in m for m in logged)
+    assert any(m.startswith(f"ablation {N_PROMPTS}/{N_PROMPTS}, prompt ") for m in logged)
     assert {t: len(_rows(traced, f"SELECT * FROM {t}")) for t in _TABLES} == before
 
 

@@ -120,3 +120,70 @@ def test_causal_checks_small(data_dir, tmp_path, capsys):
     assert all(r["prompts"] == 1 and r["n"] == 3 for r in result["rollouts"])
     printed = capsys.readouterr().out
     assert "best narrow intervention" in printed and "best narrow rollout intervention" in printed
+
+
+def test_store_scale_smoke(clean_demo, tmp_path):
+    """`benchmarks/store_scale.py --smoke` as a command, as benchmarks/README.md shows it, on a
+    copy of the session's demo store (one real graph pair): every figure printed and positive."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    from tests.graph_store import copy_store
+
+    source = tmp_path / "source"
+    copy_store(clean_demo.pristine, source)
+    out = tmp_path / "scale.json"
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "benchmarks/store_scale.py", "--smoke", "--source", str(source)]
+    done = subprocess.run(
+        [*command, "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    printed = done.stdout
+    assert json.loads(printed.strip().splitlines()[-1]) == figures
+    assert figures["problems"] == [] and "PROBLEM" not in printed
+    assert figures["machine"]["cpu_count"] > 0
+    assert figures["machine"]["duckdb"] == duckdb.__version__
+    assert figures["source"]["pairs"] >= 1 and figures["source"]["graph_rows_per_pair"] > 0
+
+    # 1. Ingest: every bundle loaded, every row there; the printed rows carry positive rates.
+    ingest = figures["ingest"]
+    assert ingest["bundles"]["graphs"] == ingest["direct"]["graphs"] == 2 * 5
+    assert ingest["at_scale"]["graphs"] == 2 * 2
+    assert ingest["ingested_graph_rows"] == ingest["expected_graph_rows"] > 0
+    assert ingest["bundles"]["rejected"] == ingest["at_scale"]["rejected"] == []
+    for way in ("bundles", "direct", "at_scale"):
+        assert ingest[way]["rows_per_s"] > 0 and ingest[way]["graphs_per_s"] > 0
+    for label in ("ingest_bundles into an empty store", "insert_traced into an empty store",
+                  "ingest_bundles into the 20-pair store"):  # fmt: skip
+        (line,) = [line for line in printed.splitlines() if line.startswith(label)]
+        numbers = [float(n.replace(",", "")) for n in line[len(label) :].split()]
+        assert len(numbers) == 6 and all(n > 0 for n in numbers), line
+
+    # 2. Size at each asked size, after CHECKPOINT.
+    small, large = figures["sizes"]
+    assert (small["pairs"], large["pairs"]) == (10, 20)
+    for size in (small, large):
+        assert size["file_bytes"] > 0 and size["mb_per_1000_pairs"] > 0
+    # Each replica has the rows of a real pair.
+    added = large["graph_rows"] - small["graph_rows"]
+    assert added == pytest.approx(10 * figures["source"]["graph_rows_per_pair"])
+    assert figures["packing"]["ingested_mb_per_1000_pairs"] > 0
+    assert figures["packing"]["packed_mb_per_1000_pairs"] > 0
+    assert "-- 2. size" in printed and "MB / 1,000 pairs" in printed
+
+    # 3. Every page's queries, timed at each size (cold, min and max at the largest).
+    assert figures["query_store_pairs"] == 20
+    pages = {q["page"] for q in figures["queries"]}
+    assert {"Runs", "Review", "Graphs", "Graph diff", "Features", "Across prompts", "SQL"} <= pages
+    for query in figures["queries"]:
+        assert query["cold_s"] > 0 and query["median_s"] > 0, query
+        assert set(query["median_s_by_pairs"]) == {"10", "20"}
+        assert all(s > 0 for s in query["median_s_by_pairs"].values())
+        assert f"{query['median_s']:.3f}" in printed
+    assert any(q["query"].startswith("feature_detail") for q in figures["queries"])
+    assert "-- 3. dashboard queries" in printed and "median s @20" in printed

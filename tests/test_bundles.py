@@ -3,11 +3,9 @@ loads them. Real organism graphs, real Parquet files, a real DuckDB store."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +28,7 @@ from emc.store.bundles import (
 from emc.store.graphs import GRAPH_TABLES, insert_traced
 from emc.tracing import graph_key, plan_targets, release_memory, trace_prompt
 from emc.tracing.record import GraphKey, GraphRecord
+from tests.bundle_edits import edit_manifest, replace_file, replace_frame
 
 RUN_ID = "test-bundles"
 
@@ -149,29 +148,6 @@ def test_an_empty_or_missing_spool_ingests_nothing(tmp_path):
 # --- Malformed bundles: each goes to rejected/ with a reason naming the file, and the rest load.
 
 
-def _manifest(bundle: Path) -> dict:
-    return json.loads((bundle / "manifest.json").read_text())
-
-
-def _edit_manifest(bundle: Path, edit: Callable[[dict], object]) -> None:
-    manifest = _manifest(bundle)
-    edit(manifest)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-
-
-def _replace_file(bundle: Path, name: str, data: bytes) -> None:
-    """An EMC-written-looking bundle: the file replaced and its checksum in the manifest with it."""
-    (bundle / f"{name}.parquet").write_bytes(data)
-    digest = hashlib.sha256(data).hexdigest()
-    _edit_manifest(bundle, lambda m: m["files"].__setitem__(name, digest))
-
-
-def _replace_frame(bundle: Path, name: str, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
-    path = bundle / f"{name}.parquet"
-    edit(pd.read_parquet(path)).to_parquet(path, index=False)
-    _replace_file(bundle, name, path.read_bytes())
-
-
 def _no_manifest(bundle: Path) -> None:
     (bundle / "manifest.json").unlink()
 
@@ -189,28 +165,28 @@ def _list_manifest(bundle: Path) -> None:
 
 
 def _manifest_without_fields(bundle: Path) -> None:
-    _edit_manifest(bundle, lambda m: [m.pop("files"), m.pop("model")])
+    edit_manifest(bundle, lambda m: [m.pop("files"), m.pop("model")])
 
 
 def _record_of_wrong_types(bundle: Path) -> None:
-    _edit_manifest(bundle, lambda m: m["record"].update(status="maybe", input_ids="1 2 3"))
+    edit_manifest(bundle, lambda m: m["record"].update(status="maybe", input_ids="1 2 3"))
 
 
 def _model_of_wrong_types(bundle: Path) -> None:
-    _edit_manifest(bundle, lambda m: [m["model"].pop("role"), m["model"].update(merged=[1])])
+    edit_manifest(bundle, lambda m: [m["model"].pop("role"), m["model"].update(merged=[1])])
 
 
 def _file_outside_the_bundle(bundle: Path) -> None:
-    _edit_manifest(bundle, lambda m: m["files"].update({"../../outside": m["files"]["nodes"]}))
+    edit_manifest(bundle, lambda m: m["files"].update({"../../outside": m["files"]["nodes"]}))
 
 
 def _record_of_another_model(bundle: Path) -> None:
-    _edit_manifest(bundle, lambda m: m["record"].update(model_id="other-model"))
+    edit_manifest(bundle, lambda m: m["record"].update(model_id="other-model"))
 
 
 def _successful_graph_without_effects(bundle: Path) -> None:
     (bundle / "effects.parquet").unlink()
-    _edit_manifest(bundle, lambda m: m["files"].pop("effects"))
+    edit_manifest(bundle, lambda m: m["files"].pop("effects"))
 
 
 def _missing_frame(bundle: Path) -> None:
@@ -223,23 +199,23 @@ def _altered_frame(bundle: Path) -> None:
 
 
 def _frame_not_parquet(bundle: Path) -> None:
-    _replace_file(bundle, "stats", b"layer,feature\n1,2\n")
+    replace_file(bundle, "stats", b"layer,feature\n1,2\n")
 
 
 def _empty_frame_file(bundle: Path) -> None:
-    _replace_file(bundle, "effects", b"")
+    replace_file(bundle, "effects", b"")
 
 
 def _frame_of_wrong_columns(bundle: Path) -> None:
-    _replace_frame(bundle, "layers", lambda f: f.rename(columns={"feature_influence": "influence"}))
+    replace_frame(bundle, "layers", lambda f: f.rename(columns={"feature_influence": "influence"}))
 
 
 def _frame_with_rows_lost(bundle: Path) -> None:
-    _replace_frame(bundle, "edges", lambda f: f.iloc[: len(f) // 2])
+    replace_frame(bundle, "edges", lambda f: f.iloc[: len(f) // 2])
 
 
 def _foreign_version(bundle: Path) -> None:
-    _edit_manifest(bundle, lambda m: m.update(version=99))
+    edit_manifest(bundle, lambda m: m.update(version=99))
 
 
 def _plain_file(bundle: Path) -> None:
@@ -257,11 +233,11 @@ def _null_where_the_store_forbids_it(bundle: Path) -> None:
     def spoil(frame: pd.DataFrame) -> pd.DataFrame:
         return frame.assign(feature_influence=pd.array([None] * len(frame), dtype="Float64"))
 
-    _replace_frame(bundle, "layers", spoil)
+    replace_frame(bundle, "layers", spoil)
 
 
 def _text_where_the_store_wants_numbers(bundle: Path) -> None:
-    _replace_frame(bundle, "effects", lambda f: f.assign(layer="L" + f["layer"].astype(str)))
+    replace_frame(bundle, "effects", lambda f: f.assign(layer="L" + f["layer"].astype(str)))
 
 
 MALFORMED = [

@@ -17,8 +17,8 @@ import pytest
 
 from emc.store import Store, read_only_query
 from tests.browser import (
+    browser_page,
     finish_run,
-    launch_chromium,
     require_playwright,
     screenshot,
     streamlit_dashboard,
@@ -50,63 +50,55 @@ def test_review_to_graph_to_feature_to_prompt(demo_store, tmp_path):
     with (
         streamlit_dashboard(demo_store, tmp_path / "streamlit.log") as url,
         sync_api.sync_playwright() as playwright,
+        browser_page(playwright) as (page, errors),
     ):
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+        # Review: the traced prompt's item, opened by its URL, claimed under a name.
+        page.goto(f"{url}/review?prompt={prompt_id}")
+        name_box = page.get_by_label("Your name")
+        name_box.fill("clicker")
+        name_box.press("Enter")
+        page.get_by_text("Your labels", exact=True).wait_for()
+        finish_run(page)
+        assert _query(page).get("prompt") == prompt_id
+        screenshot(page, "clickthrough-1-review.png")
 
-            # Review: the traced prompt's item, opened by its URL, claimed under a name.
-            page.goto(f"{url}/review?prompt={prompt_id}")
-            name_box = page.get_by_label("Your name")
-            name_box.fill("clicker")
-            name_box.press("Enter")
-            page.get_by_text("Your labels", exact=True).wait_for()
+        # -> Graphs of this prompt.
+        page.get_by_role("link", name="Graphs of this prompt").click()
+        page.get_by_label("Node").first.wait_for()
+        finish_run(page)
+        assert _query(page).get("prompt") == prompt_id
+        screenshot(page, "clickthrough-2-graphs.png")
+
+        # A feature node of the base graph; the adapted graph selects the same node.
+        picker = page.get_by_role("combobox", name="Node").first
+        picker.click()
+        picker.press_sequentially("feature", delay=50)  # the options are filtered as typed
+        picker.press("Enter")
+        finish_run(page)
+        page.get_by_role("link", name="Feature card").first.wait_for()
+        node = _query(page).get("node", "")
+        assert node.startswith("feature/"), page.url
+        _, layer, _position, feature = node.split("/")
+
+        # -> its feature card.
+        # The graphs page names the feature too, so wait for the card's own section.
+        page.get_by_role("link", name=f"Feature card L{layer}/{feature}").first.click()
+        page.get_by_text("Where it appears").wait_for()
+        finish_run(page)
+        assert _query(page).get("feature") == f"{layer}/{feature}"
+        screenshot(page, "clickthrough-3-feature.png")
+
+        # -> a prompt where it appears: back on the Graphs page, for that prompt.
+        page.get_by_role("link", name="Graphs of").first.click()
+        page.get_by_label("Node").first.wait_for()
+        finish_run(page)
+        assert _query(page).get("prompt") == prompt_id
+        screenshot(page, "clickthrough-4-prompt.png")
+
+        # Every page of the navigation draws, each with its screenshot.
+        for name in PAGES:
+            page.get_by_role("link", name=name, exact=True).first.click()
+            page.get_by_role("heading", name=name).first.wait_for()
             finish_run(page)
-            assert _query(page).get("prompt") == prompt_id
-            screenshot(page, "clickthrough-1-review.png")
-
-            # -> Graphs of this prompt.
-            page.get_by_role("link", name="Graphs of this prompt").click()
-            page.get_by_label("Node").first.wait_for()
-            finish_run(page)
-            assert _query(page).get("prompt") == prompt_id
-            screenshot(page, "clickthrough-2-graphs.png")
-
-            # A feature node of the base graph; the adapted graph selects the same node.
-            picker = page.get_by_role("combobox", name="Node").first
-            picker.click()
-            picker.press_sequentially("feature", delay=50)  # the options are filtered as typed
-            picker.press("Enter")
-            finish_run(page)
-            page.get_by_role("link", name="Feature card").first.wait_for()
-            node = _query(page).get("node", "")
-            assert node.startswith("feature/"), page.url
-            _, layer, _position, feature = node.split("/")
-
-            # -> its feature card.
-            # The graphs page names the feature too, so wait for the card's own section.
-            page.get_by_role("link", name=f"Feature card L{layer}/{feature}").first.click()
-            page.get_by_text("Where it appears").wait_for()
-            finish_run(page)
-            assert _query(page).get("feature") == f"{layer}/{feature}"
-            screenshot(page, "clickthrough-3-feature.png")
-
-            # -> a prompt where it appears: back on the Graphs page, for that prompt.
-            page.get_by_role("link", name="Graphs of").first.click()
-            page.get_by_label("Node").first.wait_for()
-            finish_run(page)
-            assert _query(page).get("prompt") == prompt_id
-            screenshot(page, "clickthrough-4-prompt.png")
-
-            # Every page of the navigation draws, each with its screenshot.
-            for name in PAGES:
-                page.get_by_role("link", name=name, exact=True).first.click()
-                page.get_by_role("heading", name=name).first.wait_for()
-                finish_run(page)
-                screenshot(page, f"page-{name.lower()}.png")
-        finally:
-            browser.close()
+            screenshot(page, f"page-{name.lower()}.png")
     assert not errors, errors

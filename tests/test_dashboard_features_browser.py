@@ -16,8 +16,8 @@ from emc.config import dump_config
 from emc.store import Store
 from emc.store.feature_cards import card_summaries
 from tests.browser import (
+    browser_page,
     finish_run,
-    launch_chromium,
     require_playwright,
     screenshot,
     streamlit_dashboard,
@@ -57,52 +57,45 @@ def test_every_tab_of_the_features_page_draws_its_charts(analysed, tmp_path):
     with (
         streamlit_dashboard(analysed, tmp_path / "streamlit.log") as url,
         sync_api.sync_playwright() as playwright,
+        browser_page(playwright) as (page, errors),
     ):
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url)
-            page.get_by_role("link", name="Features").click()
-            page.get_by_text("Rank in adapted").wait_for()
+        page.goto(url)
+        page.get_by_role("link", name="Features").click()
+        page.get_by_text("Rank in adapted").wait_for()
+        finish_run(page)
+        charts = {}
+        for tab in TABS:
+            page.get_by_role("tab", name=tab).click()
+            panel = page.get_by_role("tabpanel", name=tab)
+            panel.locator(".vega-embed").first.wait_for()
             finish_run(page)
-            charts = {}
-            for tab in TABS:
-                page.get_by_role("tab", name=tab).click()
-                panel = page.get_by_role("tabpanel", name=tab)
-                panel.locator(".vega-embed").first.wait_for()
-                finish_run(page)
-                charts[tab] = panel.locator(".vega-embed").count()
-                if tab in ("Ranking", "Base vs adapted"):
-                    screenshot(page, f"features-{tab.split()[0].lower()}.png")
-            panel = page.get_by_role("tabpanel", name="Base vs adapted")
-            page.get_by_role("tab", name="Base vs adapted").click()
-            assert panel.get_by_text("First divergent layer").is_visible()
-            assert panel.get_by_text("L0", exact=True).is_visible()
-            assert panel.get_by_text("Strongest paths to a target").is_visible()
-            assert page.locator("[data-testid=stException]").count() == 0
-            assert not errors, errors
+            charts[tab] = panel.locator(".vega-embed").count()
+            if tab in ("Ranking", "Base vs adapted"):
+                screenshot(page, f"features-{tab.split()[0].lower()}.png")
+        panel = page.get_by_role("tabpanel", name="Base vs adapted")
+        page.get_by_role("tab", name="Base vs adapted").click()
+        assert panel.get_by_text("First divergent layer").is_visible()
+        assert panel.get_by_text("L0", exact=True).is_visible()
+        assert panel.get_by_text("Strongest paths to a target").is_visible()
+        assert page.locator("[data-testid=stException]").count() == 0
+        assert not errors, errors
 
-            # A feature's card, opened from its URL as another page's link opens it.
-            feature = a_carded_feature(analysed)
-            page.goto(f"{url}/features?feature={feature}")
-            page.get_by_text(f"Feature L{feature}").wait_for()
-            page.get_by_text("What it fires on").wait_for()
-            finish_run(page)
-            panel = page.get_by_role("tabpanel", name="Ranking")
-            examples = panel.locator(".emc-example")
-            assert examples.count() > 0 and examples.first.is_visible()
-            assert panel.locator('.emc-token[data-max="true"]').count() == examples.count()
-            card_charts = panel.locator(".vega-embed").count()
-            assert panel.get_by_role("button", name="Save label").is_visible()
-            screenshot(page, "features-card.png")
-            assert f"feature={feature}" in unquote(page.url)
-            assert page.locator("[data-testid=stException]").count() == 0
-            assert not errors, errors
-        finally:
-            browser.close()
+        # A feature's card, opened from its URL as another page's link opens it.
+        feature = a_carded_feature(analysed)
+        page.goto(f"{url}/features?feature={feature}")
+        page.get_by_text(f"Feature L{feature}").wait_for()
+        page.get_by_text("What it fires on").wait_for()
+        finish_run(page)
+        panel = page.get_by_role("tabpanel", name="Ranking")
+        examples = panel.locator(".emc-example")
+        assert examples.count() > 0 and examples.first.is_visible()
+        assert panel.locator('.emc-token[data-max="true"]').count() == examples.count()
+        card_charts = panel.locator(".vega-embed").count()
+        assert panel.get_by_role("button", name="Save label").is_visible()
+        screenshot(page, "features-card.png")
+        assert f"feature={feature}" in unquote(page.url)
+        assert page.locator("[data-testid=stException]").count() == 0
+        assert not errors, errors
     # Ranking: the feature's per-prompt bars; diff: effect and error share by layer, and the
     # forward pass; LoRA: the cosine histogram; ablations: top vs control.
     assert charts["Ranking"] >= 1 and charts["Base vs adapted"] >= 4

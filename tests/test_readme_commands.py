@@ -45,12 +45,17 @@ ELSEWHERE = {
     "prefect server start --host 127.0.0.1 --port 4200 &": "tests/test_deployments.py "
     "(on a free port)",
     "export PREFECT_API_URL=http://127.0.0.1:4200/api": "tests/test_deployments.py",
-    "emc prefect setup --deploy": "tests/test_deployments.py",
+    'emc prefect setup --deploy --data-dir "$PWD/emc-data"': "tests/test_deployments.py "
+    "(a temporary data directory, with --trace-after 2 --within 30m)",
     "prefect worker start --pool emc-process &": "tests/test_deployments.py",
-    'prefect deployment run pipeline/process --param data_dir="$PWD/emc-data"':
-    "tests/test_deployments.py (the small recipe's parameters, watched to completion)",
-    "prefect deployment run discovery/process --param iterations=3": "tests/test_deployments.py "
-    "(the schedule of discovery/process is checked and paused)",
+    "emc prefect status": "tests/test_deployments.py (the triggers' states read from its table)",
+    "prefect deployment run pipeline/full-pipeline": "tests/test_deployments.py (the small "
+    "recipe's parameters, no data_dir: the pool's, watched to completion)",
+    "prefect deployment run discovery/discover-every-6h --param iterations=3":
+    "tests/test_deployments.py (the schedule of discovery/discover-every-6h is checked and "
+    "paused)",
+    "emc prefect pause": "tests/test_deployments.py (with --pool process)",
+    "emc prefect resume": "tests/test_deployments.py",
     "emc trace --select reviewed --shards 4 --spool /shared/emc-spool -d /data/study":
     "tests/test_deployments.py (two workers, `--shards 2`, a spool in a temporary directory)",
 }  # fmt: skip

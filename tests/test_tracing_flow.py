@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -40,18 +42,41 @@ def discovered(tmp_path_factory, small_organism, prefect_harness):
     return data_dir
 
 
-def test_graph_pairs_resume_without_duplicates_and_failures_are_recorded(discovered):
+def _logged(caplog, level: int = logging.INFO) -> list[str]:
+    """The run loggers' messages at `level` since the last `caplog.clear()`."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith(("prefect.flow_runs", "prefect.task_runs")) and r.levelno == level
+    ]
+
+
+def test_graph_pairs_resume_without_duplicates_and_failures_are_recorded(discovered, caplog):
     store = Store.in_data_dir(discovered)
     flagged = queued_prompt_ids(store, reviewed_only=False)
+    caplog.set_level(logging.INFO)
     assert tracing_flow(data_dir=str(discovered), select="reviewed")["prompts"] == 0
+    assert any(
+        m.startswith("nothing to trace: no reviewed prompt") and "--select flagged" in m
+        for m in _logged(caplog)
+    ), _logged(caplog)
 
     # A first run that got through one prompt only (as if killed after it).
     first = tracing_flow(data_dir=str(discovered), prompt_ids=flagged[:1])
     assert (first["made"], first["failed"]) == (2, 0)
     made_at = {g.graph_id: g.created_at for g in list_graphs(store)}
 
+    caplog.clear()
     rest = tracing_flow(data_dir=str(discovered), select="flagged")
     assert (rest["prompts"], rest["made"], rest["failed"]) == (4, 6, 0)
+    # The log tells the story: what was selected, what was skipped as stored, each graph made.
+    logged = _logged(caplog)
+    assert "review queue: 4 flagged prompt(s), rejected ones left out" in logged, logged
+    assert f"selected 4 prompt(s) to trace: {', '.join(flagged)}" in logged
+    for role in ("base", "adapted"):
+        assert f"{role}: 4 graph(s) planned, 1 already stored (skipped), 3 to make" in logged
+        assert any(m.startswith(f"{role} graph 3/3, prompt ") for m in logged)
+    assert any(m.startswith("tracing done: 6 graph(s) made, 0 failed") for m in logged)
     assert {g.graph_id: g.created_at for g in list_graphs(store)} | made_at == {
         g.graph_id: g.created_at for g in list_graphs(store)
     }, "the first run's graphs were made again"
@@ -87,8 +112,17 @@ def test_graph_pairs_resume_without_duplicates_and_failures_are_recorded(discove
     # A prompt without labels cannot have labelled targets: recorded per model, the rest done.
     unlabelled = make_prompt("Someone asks for advice. Assistant: You should", "bare", "test")
     insert_prompts(store, [unlabelled], run_id=None)
+    caplog.clear()
     failing = tracing_flow(data_dir=str(discovered), prompt_ids=[*flagged, unlabelled.prompt_id])
     assert (failing["made"], failing["failed"], failing["graphs_ok"]) == (0, 2, 8)
+    assert "1 prompt(s) have no discovery logits yet: scoring first" in _logged(caplog)
+    warned = _logged(caplog, logging.WARNING)
+    assert any(
+        m.startswith(f"base graph 1/1, prompt {unlabelled.prompt_id}: failed: ")
+        and "no evil and no safe" in m for m in warned
+    ), warned  # fmt: skip
+    bare = unlabelled.prompt_id
+    assert f"2 graph(s) failed: base of {bare}, adapted of {bare}" in warned
     failed = [g for g in list_graphs(store) if g.status == "failed"]
     assert len(failed) == 2 and all("no evil and no safe token labels" in g.error for g in failed)
     assert all(g.input_ids and g.input_ids[0] == 1 for g in failed)  # scored on the way

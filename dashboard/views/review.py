@@ -36,6 +36,7 @@ from dashboard.widgets import (
     show_continuation_check,
 )
 from emc.config import ConfigError, DiscoveryConfig, default_config_path, load_config
+from emc.events import REVIEW_SAVED, emit, review_news
 from emc.pivotal.calibration import Calibration, calibrate_judges
 from emc.pivotal.divergence import LabelMass, label_mass
 from emc.pivotal.judge import Label, shown_tokens
@@ -702,4 +703,6 @@ def show_actions(
                     "relabel": "relabelled",
                     "reject": "rejected",
                 }[action]
+                # A Prefect server's triggers count these to start tracing (prefect.yaml).
+                emit(REVIEW_SAVED, store.path.parent, review_news(review))
                 next_item("success", f"Saved: you {done} {item.prompt.name}.")

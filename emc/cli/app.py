@@ -73,6 +73,17 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def check_shards(shards: int) -> None:
+    """--shards N hands work to Prefect workers: refuse it without a server to hand it to."""
+    if shards < 0:
+        raise fail("--shards must be 0 or more")
+    if shards and not os.environ.get("PREFECT_API_URL"):
+        raise fail(
+            "--shards hands work to Prefect workers: set PREFECT_API_URL to their server and "
+            "register the deployments (`emc prefect setup --deploy`)"
+        )
+
+
 def data_dir_from(data_dir: Path | None, config: Path | None = None) -> Path:
     loaded = load_config(config) if config else None
     return resolve_data_dir(data_dir, loaded)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, get_args
 
 import typer
 
-from emc.cli.app import ConfigOption, DataDirOption, app, fail, prepare_flows
+from emc.cli.app import ConfigOption, DataDirOption, app, check_shards, fail, prepare_flows
 from emc.cli.exits import exit_for
 from emc.config import ConfigError, TracingConfig, load_experiment
 from emc.console import console, print_frame
@@ -57,7 +56,7 @@ def trace(
     ] = None,
     shard_deployment: Annotated[
         str, typer.Option(help="With --shards: the deployment that runs a shard.")
-    ] = "trace-shard/process",
+    ] = "trace-shard/graphs-to-spool",
 ) -> None:
     """Make attribution graphs for the base and the adapted model on the same token ids.
 
@@ -88,13 +87,7 @@ def trace(
         choices = get_args(TracingConfig.model_fields[option].annotation)
         if value is not None and value not in choices:
             raise fail(f"unknown --{option} {value!r}: choose {' or '.join(choices)}")
-    if shards < 0:
-        raise fail("--shards must be 0 or more")
-    if shards and not os.environ.get("PREFECT_API_URL"):
-        raise fail(
-            "--shards hands work to Prefect workers: set PREFECT_API_URL to their server and "
-            "register the deployments (`emc prefect setup --deploy`)"
-        )
+    check_shards(shards)
     try:
         _, resolved = load_experiment(config, data_dir)
     except ConfigError as exc:

@@ -16,6 +16,10 @@ cause, nothing of it is written, and the others still load. Nothing in the spool
 a second bundle of a name already in `ingested/` or `rejected/` is kept beside it as
 `<name>.2`, `<name>.3`, ... Faults of the store itself (locked, unreadable, out of disk) are not
 the bundle's: they propagate and leave the bundle pending for the next ingest.
+
+Behaviour samples travel the same way, as sample bundles (`emc.store.sample_bundles`, which
+shares this module's checks); their own suffix keeps each ingest to its own kind, so graphs and
+samples can share one spool.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import duckdb
 import pandas as pd
@@ -68,6 +72,7 @@ _REFUSED_ROWS = (
     duckdb.InvalidTypeException,
 )
 _SHOWN = 10  # validation errors named in a reason; a foreign manifest can have dozens
+M = TypeVar("M", bound=BaseModel)
 
 
 class BundleError(ValueError):
@@ -82,6 +87,9 @@ class Manifest(BaseModel):
     record: GraphRecord
     model: ModelRow
     files: dict[FrameName, str]  # frame -> SHA-256 of <frame>.parquet
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -114,8 +122,9 @@ def write_failed_bundle(
     return _write(spool_dir, GraphRecord.failed(key, list(input_ids), run_id, error), model, {})
 
 
-def pending_bundles(spool_dir: str | Path) -> list[Path]:
-    """Everything named like a bundle and not yet ingested or rejected, oldest first.
+def pending_bundles(spool_dir: str | Path, suffix: str = SUFFIX) -> list[Path]:
+    """Everything named like a bundle (of the kind `suffix` names: graphs by default) and not
+    yet ingested or rejected, oldest first.
 
     Plain files with the suffix are included so that the ingest rejects them with a reason
     instead of leaving them unexplained in the spool; temporary names never match.
@@ -123,31 +132,45 @@ def pending_bundles(spool_dir: str | Path) -> list[Path]:
     spool = Path(spool_dir)
     if not spool.is_dir():
         return []
-    found = [p for p in spool.iterdir() if p.name.endswith(SUFFIX)]
+    found = [p for p in spool.iterdir() if p.name.endswith(suffix)]
     # lstat: a dangling link is still listed (and rejected), not a crash.
     return sorted(found, key=lambda p: (p.lstat().st_mtime, p.name))
 
 
 def ingest_bundles(store: Store, spool_dir: str | Path) -> IngestReport:
     """Load every complete bundle into the store; see the module for the guarantees."""
+
+    def load(bundle: Path) -> str:
+        record, model, frames = read_bundle(bundle)
+        _load(store, bundle, record, model, frames)
+        return record.graph_id
+
+    ingested, rejected = ingest_each(store, spool_dir, pending_bundles(spool_dir), load)
+    return IngestReport(ingested, rejected)
+
+
+def ingest_each(
+    store: Store, spool_dir: str | Path, bundles: list[Path], load: Callable[[Path], T]
+) -> tuple[list[T], list[tuple[str, str]]]:
+    """`load` each bundle in turn, then move it to `ingested/`; a bundle whose `load` raises
+    BundleError goes to `rejected/` with the reason, and the rest still load. Returns what each
+    `load` returned, and (bundle name, reason) per rejected bundle."""
     spool = Path(spool_dir)
-    report = IngestReport()
-    bundles = pending_bundles(spool)
     if bundles:
         # A store that cannot be opened fails here, before any bundle is blamed or moved.
         store.ensure_schema()
+    ingested, rejected = [], []
     for bundle in bundles:
         try:
-            record, model, frames = read_bundle(bundle)
-            _load(store, bundle, record, model, frames)
+            loaded = load(bundle)
         except BundleError as exc:
             reason = str(exc)
             _reject(bundle, spool / "rejected", reason)
-            report.rejected.append((bundle.name, reason))
+            rejected.append((bundle.name, reason))
             continue
         _move(bundle, spool / "ingested")
-        report.ingested.append(record.graph_id)
-    return report
+        ingested.append(loaded)
+    return ingested, rejected
 
 
 def read_bundle(bundle: Path) -> tuple[GraphRecord, ModelRow, dict[str, pd.DataFrame]]:
@@ -171,7 +194,9 @@ def read_bundle(bundle: Path) -> tuple[GraphRecord, ModelRow, dict[str, pd.DataF
     return record, manifest.model, frames
 
 
-def _read_manifest(bundle: Path) -> Manifest:
+def _read_manifest(bundle: Path, schema: type[M] = Manifest, version: int = BUNDLE_VERSION) -> M:
+    """The bundle's manifest.json as `schema` (graph bundles' `Manifest` by default; sample
+    bundles, `emc.store.sample_bundles`, pass theirs); BundleError says what is wrong."""
     if not bundle.is_dir():
         raise BundleError(
             f"{bundle.name}: not a directory (a bundle is a directory of manifest.json and "
@@ -197,13 +222,13 @@ def _read_manifest(bundle: Path) -> Manifest:
         )
     # The version first: another EMC's manifest may differ in any other field, and "written by
     # another version" is the useful reason then.
-    if raw.get("version") != BUNDLE_VERSION:
+    if raw.get("version") != version:
         raise BundleError(
             f"{bundle.name}: manifest.json: bundle version {raw.get('version')!r} is not "
-            f"{BUNDLE_VERSION} (written by another EMC version)"
+            f"{version} (written by another EMC version)"
         )
     try:
-        return Manifest.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         raise BundleError(
             f"{bundle.name}: manifest.json does not match the bundle format: {_problems(exc)}"
@@ -217,7 +242,11 @@ def _problems(exc: ValidationError) -> str:
     return shown + (f"; and {len(lines) - _SHOWN} more" if len(lines) > _SHOWN else "")
 
 
-def _read_frame(bundle: Path, name: str, digest: str) -> pd.DataFrame:
+def _read_frame(
+    bundle: Path, name: str, digest: str, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """`<name>.parquet`, checked against its digest and `columns` (by default the graph
+    frame's), in that column order."""
     path = bundle / f"{name}.parquet"
     where = f"{bundle.name}: {path.name}"
     if not path.is_file():
@@ -234,7 +263,7 @@ def _read_frame(bundle: Path, name: str, digest: str) -> pd.DataFrame:
     # dozen error classes, not all ValueError or OSError) means the file is not usable.
     except Exception as exc:
         raise BundleError(f"{where} is not a readable Parquet file ({exc})") from None
-    expected = _COLUMNS[name]
+    expected = tuple(columns) if columns is not None else _COLUMNS[name]
     absent = [c for c in expected if c not in frame.columns]
     extra = [c for c in frame.columns if c not in expected]
     if absent or extra:
