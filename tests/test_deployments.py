@@ -183,8 +183,8 @@ def deployed(tmp_path_factory, clean_demo, small_organism) -> Iterator[Deployed]
     root = tmp_path_factory.mktemp("deployed")
     pool_data = root / "pool-data"
     seed_organism(small_organism, pool_data)
+    # No experiment.yaml: the pipeline's organism stage writes the pool's own.
     copy_store(clean_demo.pristine, pool_data)
-    shutil.copy(clean_demo.data_dir / "experiment.yaml", pool_data / "experiment.yaml")
     port = free_port()
     with (
         forwarded_port(port) as ui_port,
@@ -285,14 +285,14 @@ def _reviews(store: Store) -> int:
     return int(read_only_query(store, "SELECT count(*) AS n FROM reviews")["n"][0])
 
 
-def test_reviews_saved_in_the_dashboard_start_tracing_then_analysis(deployed, tmp_path):
+def test_reviews_saved_in_the_dashboard_start_tracing_then_analysis(deployed, clean_demo, tmp_path):
     """The trigger chain for real: two reviews saved in the dashboard (a real browser) make the
     server start tracing on that store; tracing's graphs start analysis; analysis starts the
     causal checks and the behaviour stage."""
     sync_api = require_playwright()
     env, data_dir = deployed.env, tmp_path / "reviewed-store"
     copy_store(deployed.pool_data_dir, data_dir)  # another store than the pool's
-    shutil.copy(deployed.pool_data_dir / "experiment.yaml", data_dir / "experiment.yaml")
+    shutil.copy(clean_demo.data_dir / "experiment.yaml", data_dir / "experiment.yaml")
     store = Store.in_data_dir(data_dir)
     queued = list(read_only_query(store, "SELECT prompt_id FROM review_queue")["prompt_id"])
     assert len(queued) == 2
