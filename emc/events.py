@@ -65,8 +65,9 @@ def emit(
         return None
     from prefect.events import emit_event
 
-    full = {"data_dir": str(Path(data_dir).expanduser().resolve()), **payload}
-    sent = emit_event(event=event, resource=store_resource(data_dir, chain), payload=full)
+    resource = store_resource(data_dir, chain)
+    full = {"data_dir": resource["prefect.resource.id"].removeprefix(RESOURCE_PREFIX), **payload}
+    sent = emit_event(event=event, resource=resource, payload=full)
     return str(sent.id) if sent is not None else None
 
 

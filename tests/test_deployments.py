@@ -257,7 +257,7 @@ def test_pause_and_resume_switch_the_triggers_of_one_pool(deployed):
     assert "(paused)" in rows["tracing/trace-after-reviews-docker"]
     assert "(paused)" in rows["discovery/discover-every-6h"]  # paused by the fixture
 
-    paused = _run([str(BIN / "emc"), "prefect", "pause", "--pool", "process"], env, 120).stdout
+    paused = _run([str(BIN / "emc"), "prefect", "pause"], env, 120).stdout  # as the README types it
     assert "tracing/trace-after-reviews: trigger paused" in paused
     assert "(active)" not in paused
     resumed = _run([str(BIN / "emc"), "prefect", "resume"], env, 120).stdout

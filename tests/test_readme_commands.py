@@ -54,7 +54,7 @@ ELSEWHERE = {
     "prefect deployment run discovery/discover-every-6h --param iterations=3":
     "tests/test_deployments.py (the schedule of discovery/discover-every-6h is checked and "
     "paused)",
-    "emc prefect pause": "tests/test_deployments.py (with --pool process)",
+    "emc prefect pause": "tests/test_deployments.py",
     "emc prefect resume": "tests/test_deployments.py",
     "emc trace --select reviewed --shards 4 --spool /shared/emc-spool -d /data/study":
     "tests/test_deployments.py (two workers, `--shards 2`, a spool in a temporary directory)",
